@@ -1,0 +1,234 @@
+"""The contract between a database adapter and the actor that owns its connections.
+
+Drivers know nothing of pools. A :class:`Driver` is a factory that turns a mapping of connect
+options into a live :class:`Connection`; the actor owns that connection for its whole life and
+lends it to one client at a time. The client task performs the I/O itself (DBConnection's
+"holder" idea), so every method below is called from the *client's* task, except ``close``,
+``cancel`` and ``reset``, which the actor may call from its own task.
+
+Two kinds of failure matter to the pool and are told apart by type:
+
+* :class:`ConnectionLost`: this connection is dead (socket closed, server gone, protocol out of
+  sync). The actor throws the connection away and connects a new one (crystal-db's rule).
+* :class:`DatabaseError`: the database refused this statement (syntax, constraint,
+  serialization). The connection stays usable.
+
+Any other exception escaping a driver call is treated as a driver bug: the connection is
+considered broken and replaced.
+
+Cancellation rule: a Trio cancellation may interrupt any ``await`` of a client-side call. The
+driver must let the cancelled caller go at once (no blocking cleanup in the caller's task); the
+connection may then be mid-protocol. The actor later calls :meth:`Connection.cancel` (stop what
+the server is doing) and :meth:`Connection.reset` (drain, roll back, return to idle) from its own
+task, under a time bound, and discards the connection if they fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "Connection",
+    "ConnectionLost",
+    "Cursor",
+    "DatabaseError",
+    "Driver",
+    "ErrorKind",
+    "Params",
+    "Row",
+    "Status",
+    "TransactionOptions",
+    "redact",
+]
+
+Row = tuple[Any, ...]
+"""One result row, as a plain tuple."""
+
+Params = Sequence[Any] | Mapping[str, Any] | None
+"""Query parameters: a sequence for positional placeholders, a mapping for named ones."""
+
+Status = Literal["idle", "transaction", "error", "unknown"]
+"""What the database last reported: outside a transaction, inside one, inside a failed one.
+``"unknown"`` means the driver cannot tell (for example mid-protocol after a cancellation)."""
+
+ErrorKind = Literal["integrity", "serialization", "other"]
+"""How the pool classifies a :class:`DatabaseError` (which exception the client sees)."""
+
+
+class ConnectionLost(Exception):
+    """This connection is dead; the actor must replace it.
+
+    Raised by a driver for a closed socket, a terminated backend, a protocol error, or any call on
+    a connection that was closed. ``supervisor.ConnectionLost`` subclasses it, so code that only
+    knows drivers can still catch both.
+    """
+
+
+class DatabaseError(Exception):
+    """The database reported an error for one statement; the connection stays usable.
+
+    Drivers raise it ``from`` the database library's own exception, which the pool keeps as the
+    ``__cause__`` of the ``QueryError`` the client sees.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sqlstate: str | None = None,
+        kind: ErrorKind = "other",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.sqlstate = sqlstate
+        self.kind: ErrorKind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionOptions:
+    """What ``BEGIN`` should ask for.
+
+    ``isolation`` is a level name such as ``"serializable"`` or ``"repeatable read"`` (drivers
+    reject names they do not support with :class:`ValueError`); ``mode`` is a driver-specific
+    begin mode (SQLite's ``"deferred"``, ``"immediate"``, ``"exclusive"``).
+    """
+
+    isolation: str | None = None
+    read_only: bool = False
+    mode: str | None = None
+
+
+@runtime_checkable
+class Cursor(Protocol):
+    """A streaming result: rows arrive in batches so memory stays bounded."""
+
+    async def fetch_batch(self) -> list[Row]:
+        """Return the next batch of rows; an empty list means the result is exhausted."""
+        ...
+
+    async def close(self) -> None:
+        """Release the cursor (server-side resources included). Safe to call twice."""
+        ...
+
+
+@runtime_checkable
+class Connection(Protocol):
+    """One live database connection, owned by one actor, lent to one client at a time."""
+
+    def status(self) -> Status:
+        """The transaction status the database last reported; no I/O."""
+        ...
+
+    async def ping(self) -> None:
+        """Prove the connection is alive with a round trip; raise ConnectionLost if not."""
+        ...
+
+    async def execute(self, query: str, params: Params = None) -> int:
+        """Run a statement; return the number of rows affected (-1 when unknown)."""
+        ...
+
+    async def fetch(self, query: str, params: Params = None) -> list[Row]:
+        """Run a query and return every row."""
+        ...
+
+    async def open_cursor(self, query: str, params: Params, batch_size: int) -> Cursor:
+        """Start a streaming query whose rows are fetched ``batch_size`` at a time."""
+        ...
+
+    async def prepare(self, query: str) -> None:
+        """Prepare ``query`` on this connection so later executions of the same text reuse it.
+
+        A driver without explicit preparation may do nothing (SQLite caches statements).
+        """
+        ...
+
+    async def begin(self, options: TransactionOptions) -> None:
+        """Open a transaction."""
+        ...
+
+    async def commit(self) -> None:
+        """Commit the open transaction."""
+        ...
+
+    async def rollback(self) -> None:
+        """Roll back the open transaction."""
+        ...
+
+    async def savepoint(self, name: str) -> None:
+        """Create a savepoint (``name`` is a plain identifier chosen by the pool)."""
+        ...
+
+    async def release(self, name: str) -> None:
+        """Release a savepoint, keeping its work."""
+        ...
+
+    async def rollback_to(self, name: str) -> None:
+        """Roll back to a savepoint, keeping the savepoint and the outer transaction."""
+        ...
+
+    async def cancel(self) -> None:
+        """Ask the server to stop the statement in flight, out of band.
+
+        Called by the actor after a client was cancelled mid-call. Must not wait for the
+        interrupted call to finish; must not raise when nothing is running.
+        """
+        ...
+
+    async def reset(self) -> None:
+        """Bring the connection back to a clean idle state, from any state.
+
+        Finish or drain an interrupted call, close open cursors, roll back an open transaction.
+        Raise :class:`ConnectionLost` if that cannot be done.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Close the connection. Idempotent, never raises.
+
+        May be called from the actor's task while a client call is in flight: that call must then
+        fail promptly with :class:`ConnectionLost` (kill-safety).
+        """
+        ...
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """A factory of connections to one database.
+
+    ``options`` are the default connect options; the pool may pass a modified copy to
+    :meth:`connect` (``configure=`` hook, for credential rotation). ``repr()`` of a driver never
+    shows a password.
+    """
+
+    name: str
+    """Short driver name used in messages, e.g. ``"sqlite"`` or ``"postgresql"``."""
+
+    @property
+    def options(self) -> Mapping[str, Any]:
+        """Default connect options (may contain secrets: never log them)."""
+        ...
+
+    async def connect(self, options: Mapping[str, Any]) -> Connection:
+        """Open a new connection. Raise :class:`ConnectionLost` when the database cannot be
+        reached (the actor retries with backoff) and :class:`DatabaseError` for a refusal it
+        reports (bad credentials, unknown database)."""
+        ...
+
+    def secrets(self, options: Mapping[str, Any]) -> list[str]:
+        """The secret strings in ``options`` (passwords), so messages can be scrubbed."""
+        ...
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """Replace every occurrence of each secret in ``text`` with ``***``.
+
+    Used on every message the pool builds from driver errors: database libraries sometimes echo
+    the connection string back in their error messages.
+    """
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
