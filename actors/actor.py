@@ -1,0 +1,405 @@
+"""The actor: one Trio task that owns one live connection for its whole life.
+
+The actor connects (with backoff), keeps the connection healthy while it is idle (ping after
+``idle_interval``, replace after ``max_lifetime``), and takes it back from clients. It does not
+run client queries: a client holds a :class:`Lease` and does its I/O directly on the connection in
+its own task (DBConnection's holder idea), so a query costs no message hop. The actor steps in only
+for what must not run in a client's task:
+
+* recovering a connection returned dirty (cancelled mid-call, transaction left open, cursor left
+  open): cancel on the server, drain, roll back, or replace it; the cancelled client is already
+  gone and is never delayed by this;
+* revoking a lease held past its deadline, or killed: the in-flight call is cancelled (the holder
+  sees ``ConnectionLost``), the connection closed and replaced;
+* replacing a connection that failed a ping, outlived ``max_lifetime`` or was asked to go by
+  ``disconnect_all``.
+
+Everything the pool needs from an actor goes through the :class:`Host` protocol, so this module
+knows nothing of pools (the direction of imports is ``supervisor`` -> ``actors``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import trio
+
+from actors.driver import Connection, Driver
+from actors.messages import Checkin, Disconnect, Kill, Message
+
+__all__ = ["Actor", "ActorConfig", "ActorGaveUp", "ActorState", "Host", "Lease"]
+
+ActorState = Literal["connecting", "backoff", "idle", "busy", "maintenance", "stopped"]
+"""``idle``: in the pool's idle set. ``busy``: lent to a client. ``maintenance``: being pinged
+or recovered. ``connecting`` / ``backoff``: no connection yet."""
+
+
+class ActorGaveUp(Exception):
+    """The backoff policy said stop after a failed connect: the actor exits and its supervisor
+    decides (restart with backoff, or fail the pool when the restart intensity is exceeded)."""
+
+
+class Host(Protocol):
+    """What an actor needs from whoever runs it (the pool)."""
+
+    name: str
+
+    def ready(self, actor: Actor) -> None:
+        """The actor's connection is ready for a client: serve a waiter or mark it idle."""
+        ...
+
+    def withdraw(self, actor: Actor) -> bool:
+        """Take the actor out of the idle set for its own maintenance; False if it was not idle
+        (a client got it first)."""
+        ...
+
+    def can_shrink(self, actor: Actor) -> bool:
+        """Whether this actor may exit because it idled past ``max_idle``."""
+        ...
+
+    def configure(self, options: Mapping[str, Any], index: int) -> Mapping[str, Any]:
+        """Connect options for the next attempt (credential rotation)."""
+        ...
+
+    async def after_connect(self, actor: Actor, conn: Connection) -> None:
+        """Run the user's hook on a fresh connection before its first use."""
+        ...
+
+    def report(
+        self, event: str, actor: Actor, *, error: BaseException | None = None, message: str = ""
+    ) -> None:
+        """Count and log a lifecycle event."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ActorConfig:
+    """Per-pool settings every actor shares."""
+
+    driver: Driver
+    backoff: Callable[[], Iterator[float]]
+    idle_interval: float = 1.0
+    max_idle: float | None = None
+    max_lifetime: float | None = None
+    lifetime_jitter: float = 0.05
+    connect_timeout: float | None = 10.0
+    cleanup_timeout: float = 5.0
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class Lease:
+    """One client's hold on one actor's connection, from checkout to return.
+
+    The flags say how the lease ended, which decides whether the connection can go straight back
+    to the idle set or needs the actor: ``interrupted`` (a call was cancelled or timed out midway:
+    protocol state unknown), ``broken`` (the driver said the connection is dead), ``revoked``
+    (the actor took the connection back: hold deadline, kill, shutdown).
+    """
+
+    __slots__ = (
+        "_op_done",
+        "active",
+        "actor",
+        "broken",
+        "conn",
+        "generation",
+        "hold_deadline",
+        "interrupted",
+        "killed",
+        "op_scope",
+        "op_task",
+        "revoked",
+    )
+
+    def __init__(self, actor: Actor, conn: Connection, generation: int) -> None:
+        self.actor = actor
+        self.conn = conn
+        self.generation = generation
+        self.active = True
+        self.revoked: str | None = None
+        self.killed = False
+        self.interrupted = False
+        self.broken = False
+        self.op_task: trio.lowlevel.Task | None = None
+        self.op_scope: trio.CancelScope | None = None
+        self._op_done: trio.Event | None = None
+        self.hold_deadline = math.inf
+
+    def revoke(self, reason: str) -> None:
+        """Take the connection away from the holder: its in-flight call (if any) is cancelled
+        and every later call raises ``ConnectionLost`` with ``reason``."""
+        if self.revoked is None:
+            self.revoked = reason
+        if self.op_scope is not None:
+            self.op_scope.cancel()
+
+    def op_finished(self) -> None:
+        """Called by the holder's task when a call on the connection returns."""
+        self.op_task = None
+        self.op_scope = None
+        if self._op_done is not None:
+            self._op_done.set()
+            self._op_done = None
+
+    async def wait_op_finished(self, timeout: float) -> None:
+        """Wait (bounded) until no call of the holder is in flight on the connection."""
+        if self.op_task is None:
+            return
+        self._op_done = done = trio.Event()
+        with trio.move_on_after(timeout):
+            await done.wait()
+
+
+class Actor:
+    """The task that owns one connection slot (``index``) of a pool. See the module docstring.
+
+    ``run()`` returns normally only when the pool shrank this slot (idle past ``max_idle``);
+    it raises :class:`ActorGaveUp` when the backoff policy stops; it is cancelled at shutdown.
+    """
+
+    def __init__(self, index: int, host: Host, config: ActorConfig) -> None:
+        self.index = index
+        self.host = host
+        self.config = config
+        self.state: ActorState = "connecting"
+        self.conn: Connection | None = None
+        self.lease: Lease | None = None
+        self.generation = 0
+        self.idle_since = 0.0
+        self.connected_at = 0.0
+        self.expires_at = math.inf
+        self.replace_at = math.inf
+        self.retire = False
+        self._sleep: trio.CancelScope | None = None
+        self._send, self._inbox = trio.open_memory_channel[Message](math.inf)
+
+    def __repr__(self) -> str:
+        return f"<Actor {self.host.name}#{self.index} {self.state} gen={self.generation}>"
+
+    # -- called from other tasks (all synchronous, never block) --------------------------------
+
+    def send(self, message: Message) -> None:
+        """Put a message on the actor's inbox."""
+        self._send.send_nowait(message)
+
+    def poke(self, deadline: float) -> None:
+        """Make the actor wake by ``deadline`` (a hold deadline was set or moved earlier)."""
+        if self._sleep is not None and deadline < self._sleep.deadline:
+            self._sleep.deadline = deadline
+
+    def lend(self, lease: Lease) -> None:
+        """Record that ``lease`` now holds the connection (the pool calls this at checkout)."""
+        self.lease = lease
+        self.state = "busy"
+
+    # -- the task -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect, until shrunk, cancelled, or out of backoff."""
+        try:
+            while True:
+                await self._connect()
+                if not await self._serve():
+                    return
+        finally:
+            with trio.CancelScope(shield=True):
+                lease, self.lease = self.lease, None
+                if lease is not None:
+                    lease.revoke(f"pool {self.host.name!r} closed the connection (actor stopped)")
+                    await lease.wait_op_finished(self.config.cleanup_timeout)
+                self.host.withdraw(self)
+                await self._close()
+                self.state = "stopped"
+
+    async def _connect(self) -> None:
+        config = self.config
+        delays = config.backoff()
+        while True:
+            self.state = "connecting"
+            options = self.host.configure(config.driver.options, self.index)
+            conn: Connection | None = None
+            try:
+                with trio.fail_after(config.connect_timeout or math.inf):
+                    conn = await config.driver.connect(options)
+                    await self.host.after_connect(self, conn)
+            except Exception as exc:
+                if conn is not None:
+                    with trio.CancelScope(shield=True):
+                        await _close_quietly(conn, config.cleanup_timeout)
+                self.host.report("connect_failed", self, error=exc)
+                delay = next(delays, None)
+                if delay is None:
+                    raise ActorGaveUp(
+                        f"pool {self.host.name!r}: connection #{self.index} gave up after a "
+                        f"failed connect (backoff kind 'stop'): {exc}"
+                    ) from exc
+                self.state = "backoff"
+                await trio.sleep(delay)
+                continue
+            now = trio.current_time()
+            self.conn = conn
+            self.generation += 1
+            self.connected_at = now
+            self.retire = False
+            self.replace_at = math.inf
+            if config.max_lifetime is None:
+                self.expires_at = math.inf
+            else:
+                jitter = 1.0 - config.lifetime_jitter * config.rng.random()
+                self.expires_at = now + config.max_lifetime * jitter
+            self.host.report("connect", self)
+            return
+
+    async def _serve(self) -> bool:
+        """Serve the current connection; return True to reconnect, False to exit (shrink)."""
+        self.host.ready(self)
+        while True:
+            with trio.move_on_at(self._next_deadline()) as scope:
+                self._sleep = scope
+                message = await self._inbox.receive()
+            self._sleep = None
+            if scope.cancelled_caught:
+                verdict = await self._on_timer()
+            else:
+                verdict = await self._on_message(message)
+            if verdict == "reconnect":
+                await self._close()
+                return True
+            if verdict == "exit":
+                await self._close()
+                return False
+
+    def _next_deadline(self) -> float:
+        now = trio.current_time()
+        config = self.config
+        if self.state == "idle":
+            deadline = min(self.idle_since + config.idle_interval, self.expires_at, self.replace_at)
+            if config.max_idle is not None and self.host.can_shrink(self):
+                deadline = min(deadline, self.idle_since + config.max_idle)
+            return deadline
+        # Busy or being recovered by the pool: wake for the hold deadline, for a due replacement,
+        # and periodically, because a clean return to the idle set sends no message (hot path).
+        deadline = now + config.idle_interval
+        if self.lease is not None:
+            deadline = min(deadline, self.lease.hold_deadline)
+        if not self.retire:
+            deadline = min(deadline, self.expires_at, self.replace_at)
+        return deadline
+
+    async def _on_timer(self) -> str:
+        now = trio.current_time()
+        config = self.config
+        if self.state == "idle":
+            due = now >= self.expires_at or now >= self.replace_at
+            shrink = (
+                config.max_idle is not None
+                and now >= self.idle_since + config.max_idle
+                and self.host.can_shrink(self)
+            )
+            if (due or shrink) and self.host.withdraw(self):
+                self.state = "maintenance"
+                self.host.report("disconnect", self, message="shrunk" if shrink and not due else "")
+                return "exit" if shrink and not due else "reconnect"
+            if now >= self.idle_since + config.idle_interval and self.host.withdraw(self):
+                return await self._ping()
+            return "stay"
+        lease = self.lease
+        if lease is not None and now >= lease.hold_deadline:
+            return await self._revoke(lease, "held longer than its hold deadline (hold_timeout)")
+        if now >= self.expires_at or now >= self.replace_at:
+            self.retire = True
+        return "stay"
+
+    async def _ping(self) -> str:
+        self.state = "maintenance"
+        conn = self.conn
+        assert conn is not None
+        bound = self.config.connect_timeout or self.config.cleanup_timeout
+        try:
+            with trio.fail_after(bound):
+                await conn.ping()
+        except Exception as exc:
+            self.host.report("ping_failed", self, error=exc)
+            return "reconnect"
+        self.host.ready(self)
+        return "stay"
+
+    async def _revoke(self, lease: Lease, reason: str) -> str:
+        lease.revoke(f"pool {self.host.name!r}: connection #{self.index} was {reason}")
+        self.lease = None
+        self.state = "maintenance"
+        self.host.report("revoked", self, message=reason)
+        await lease.wait_op_finished(self.config.cleanup_timeout)
+        return "reconnect"
+
+    async def _on_message(self, message: Message) -> str:
+        if isinstance(message, Checkin):
+            lease = message.lease
+            if lease.actor is not self or lease.generation != self.generation:
+                return "stay"
+            return await self._recover(lease)
+        if isinstance(message, Kill):
+            if message.generation != self.generation:
+                return "stay"
+            if self.lease is not None:
+                return await self._revoke(self.lease, f"killed: {message.reason}")
+            if self.state == "idle" and not self.host.withdraw(self):
+                return "stay"
+            return "reconnect"
+        if isinstance(message, Disconnect):
+            self.replace_at = min(self.replace_at, message.at)
+            return "stay"
+        raise TypeError(f"unknown message {message!r}")  # pragma: no cover
+
+    async def _recover(self, lease: Lease) -> str:
+        """Bring a dirty connection back, in this task, so its last holder is not delayed."""
+        self.state = "maintenance"
+        if self.lease is lease:
+            self.lease = None
+        now = trio.current_time()
+        if (
+            lease.broken
+            or lease.revoked is not None
+            or self.retire
+            or now >= self.expires_at
+            or now >= self.replace_at
+        ):
+            return "reconnect"
+        conn = self.conn
+        assert conn is not None
+        try:
+            with trio.move_on_after(self.config.cleanup_timeout) as scope:
+                if lease.interrupted:
+                    await conn.cancel()
+                await conn.reset()
+            clean = not scope.cancelled_caught and conn.status() == "idle"
+        except Exception as exc:
+            self.host.report("disconnect", self, error=exc, message="recovery failed")
+            return "reconnect"
+        if not clean:
+            self.host.report("disconnect", self, message="recovery timed out or left it dirty")
+            return "reconnect"
+        self.host.report("recovered", self)
+        self.host.ready(self)
+        return "stay"
+
+    async def _close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        self.state = "maintenance" if self.state != "stopped" else "stopped"
+        with trio.CancelScope(shield=True):
+            await _close_quietly(conn, self.config.cleanup_timeout)
+        self.host.report("disconnect", self)
+
+
+async def _close_quietly(conn: Connection, timeout: float) -> None:
+    with trio.move_on_after(timeout):
+        try:
+            await conn.close()
+        except Exception:  # a driver's close must not raise; if it does, the socket is gone anyway
+            pass

@@ -1,0 +1,55 @@
+"""A Trio connection supervisor: database connections owned by supervised actors.
+
+The public API, and nothing else::
+
+    async with open_pool("sqlite:///app.db", size=4) as pool:
+        async with pool.transaction() as tx:
+            await tx.execute("update t set x = x + 1")
+"""
+
+from supervisor.backoff import Backoff
+from supervisor.errors import (
+    CardinalityError,
+    CheckoutTimeout,
+    ConfigError,
+    ConnectionLost,
+    IntegrityError,
+    PoolClosed,
+    PoolError,
+    QueryError,
+    QueryTimeout,
+    QueueDropped,
+    Rollback,
+    SerializationFailure,
+    TransactionFailed,
+)
+from supervisor.handles import Connection, PreparedStatement, Stream, Transaction
+from supervisor.limits import SafetyLimits
+from supervisor.log import LogEntry
+from supervisor.pool import Pool, PoolStatistics, open_pool
+
+__all__ = [
+    "Backoff",
+    "CardinalityError",
+    "CheckoutTimeout",
+    "ConfigError",
+    "Connection",
+    "ConnectionLost",
+    "IntegrityError",
+    "LogEntry",
+    "Pool",
+    "PoolClosed",
+    "PoolError",
+    "PoolStatistics",
+    "PreparedStatement",
+    "QueryError",
+    "QueryTimeout",
+    "QueueDropped",
+    "Rollback",
+    "SafetyLimits",
+    "SerializationFailure",
+    "Stream",
+    "Transaction",
+    "TransactionFailed",
+    "open_pool",
+]

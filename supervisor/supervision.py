@@ -1,0 +1,86 @@
+"""The supervisor: runs one task per connection slot and restarts a crashed actor with backoff.
+
+Connect failures are not crashes: the actor retries them itself with backoff. A crash is an
+actor task ending with an exception (a bug, or backoff kind ``stop`` giving up). The supervisor
+restarts it after a backoff delay and counts it against a *restart intensity* (Erlang/OTP's rule):
+more than ``max_restarts`` crashes within ``restart_window`` seconds means something is badly
+wrong, and the pool fails as a whole with an error that says why, instead of restarting forever.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import trio
+
+from actors.actor import Actor
+from supervisor.errors import PoolClosed
+
+if TYPE_CHECKING:
+    from supervisor.pool import Pool
+
+__all__ = ["Supervisor"]
+
+
+class Supervisor:
+    """Starts and restarts the actors of one pool inside the pool's nursery."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        nursery: trio.Nursery,
+        *,
+        delays: Callable[[], Iterator[float]],
+        max_restarts: int,
+        restart_window: float,
+    ) -> None:
+        self._pool = pool
+        self._nursery = nursery
+        self._delays = delays
+        self._max_restarts = max_restarts
+        self._window = restart_window
+        self._crashes: deque[float] = deque()
+
+    def start(self, index: int) -> None:
+        """Start supervising slot ``index`` (the pool has registered the slot already)."""
+        self._nursery.start_soon(self._supervise, index, name=f"pool {self._pool.name}#{index}")
+
+    async def _supervise(self, index: int) -> None:
+        pool = self._pool
+        delays: Iterator[float] | None = None
+        while True:
+            actor = pool._new_actor(index)
+            try:
+                await actor.run()
+            except Exception as exc:
+                pool._actor_gone(actor, crashed=True)
+                pool.report("crash", actor, error=exc)
+                self._check_intensity(actor, exc)
+                delays = delays or self._delays()
+                await trio.sleep(next(delays, 0.0))
+                pool.stats_restarts += 1
+                pool.report("restart", actor)
+                continue
+            except BaseException:
+                pool._actor_gone(actor, crashed=False)
+                raise
+            pool._actor_gone(actor, crashed=False)
+            return
+
+    def _check_intensity(self, actor: Actor, exc: Exception) -> None:
+        now = trio.current_time()
+        crashes = self._crashes
+        crashes.append(now)
+        while crashes and crashes[0] < now - self._window:
+            crashes.popleft()
+        if len(crashes) > self._max_restarts:
+            reason = (
+                f"failed: {len(crashes)} actor crashes within {self._window:g}s exceed "
+                f"max_restarts={self._max_restarts}; last crash (connection #{actor.index}): "
+                f"{type(exc).__name__}: {self._pool.scrub(str(exc))}"
+            )
+            error = PoolClosed(reason, pool=self._pool.name)
+            self._pool._fail(error)
+            raise error from exc
