@@ -175,6 +175,8 @@ class Actor:
         self.replace_at = math.inf
         self.retire = False
         self._sleep: trio.CancelScope | None = None
+        self._why = ""
+        self._why_error: BaseException | None = None
         self._send, self._inbox = trio.open_memory_channel[Message](math.inf)
 
     def __repr__(self) -> str:
@@ -210,6 +212,8 @@ class Actor:
                 lease, self.lease = self.lease, None
                 if lease is not None:
                     lease.revoke(f"pool {self.host.name!r} closed the connection (actor stopped)")
+                    if lease.op_task is not None and lease.op_scope is None:
+                        await self._close()
                     await lease.wait_op_finished(self.config.cleanup_timeout)
                 self.host.withdraw(self)
                 await self._close()
@@ -302,8 +306,11 @@ class Actor:
             )
             if (due or shrink) and self.host.withdraw(self):
                 self.state = "maintenance"
-                self.host.report("disconnect", self, message="shrunk" if shrink and not due else "")
-                return "exit" if shrink and not due else "reconnect"
+                if due:
+                    self._why = "replaced (max_lifetime or disconnect_all)"
+                    return "reconnect"
+                self._why = "idle longer than max_idle above min_size"
+                return "exit"
             if now >= self.idle_since + config.idle_interval and self.host.withdraw(self):
                 return await self._ping()
             return "stay"
@@ -324,15 +331,21 @@ class Actor:
                 await conn.ping()
         except Exception as exc:
             self.host.report("ping_failed", self, error=exc)
+            self._why, self._why_error = "ping failed", exc
             return "reconnect"
         self.host.ready(self)
         return "stay"
 
     async def _revoke(self, lease: Lease, reason: str) -> str:
         lease.revoke(f"pool {self.host.name!r}: connection #{self.index} was {reason}")
+        self._why = f"lease revoked: {reason}"
         self.lease = None
         self.state = "maintenance"
         self.host.report("revoked", self, message=reason)
+        if lease.op_task is not None and lease.op_scope is None:
+            # The call in flight has no cancel scope of its own (no deadline was set): the
+            # driver's kill-safe close() is what makes it fail promptly.
+            await self._close()
         await lease.wait_op_finished(self.config.cleanup_timeout)
         return "reconnect"
 
@@ -368,6 +381,7 @@ class Actor:
             or now >= self.expires_at
             or now >= self.replace_at
         ):
+            self._why = "lost" if lease.broken else "replaced (max_lifetime or disconnect_all)"
             return "reconnect"
         conn = self.conn
         assert conn is not None
@@ -378,10 +392,10 @@ class Actor:
                 await conn.reset()
             clean = not scope.cancelled_caught and conn.status() == "idle"
         except Exception as exc:
-            self.host.report("disconnect", self, error=exc, message="recovery failed")
+            self._why, self._why_error = "recovery failed", exc
             return "reconnect"
         if not clean:
-            self.host.report("disconnect", self, message="recovery timed out or left it dirty")
+            self._why = "recovery timed out or left the connection dirty"
             return "reconnect"
         self.host.report("recovered", self)
         self.host.ready(self)
@@ -392,9 +406,11 @@ class Actor:
         if conn is None:
             return
         self.state = "maintenance" if self.state != "stopped" else "stopped"
+        why, error = self._why, self._why_error
+        self._why, self._why_error = "", None
         with trio.CancelScope(shield=True):
             await _close_quietly(conn, self.config.cleanup_timeout)
-        self.host.report("disconnect", self)
+        self.host.report("disconnect", self, error=error, message=why)
 
 
 async def _close_quietly(conn: Connection, timeout: float) -> None:

@@ -80,6 +80,7 @@ class Session(Lease):
 
     __slots__ = (
         "checkout_wait",
+        "guarded",
         "needs_reset",
         "pool",
         "savepoints",
@@ -100,6 +101,9 @@ class Session(Lease):
         self.streams: set[Stream] = set()
         self.needs_reset = False
         self.checkout_wait = 0.0
+        # Calls run under their own cancel scope only when a deadline may cut them short.
+        limits = pool.limits
+        self.guarded = limits.hold_timeout is not None or limits.query_timeout is not None
 
     # -- state checks ----------------------------------------------------------------------
 
@@ -159,17 +163,21 @@ class Session(Lease):
         if self.interrupted or self.needs_reset:
             await self.recover_inline()
         pool = self.pool
-        limits = pool.limits
-        task = trio.lowlevel.current_task()
-        self.op_task = task
+        self.op_task = trio.lowlevel.current_task()
         started = time.perf_counter() if pool.log_hook is not None else 0.0
         error: BaseException | None = None
         result: Any = None
         try:
+            if not self.guarded:
+                # Hot path: no deadline can fire during this call. A revocation (shutdown) then
+                # relies on the driver's kill-safe close(), which fails the call promptly.
+                result = await fn(*args)
+                return result  # type: ignore[no-any-return]
             with trio.CancelScope() as scope:
                 self.op_scope = scope
-                if limits.query_timeout is not None:
-                    scope.deadline = trio.current_time() + limits.query_timeout
+                timeout = pool.limits.query_timeout
+                if timeout is not None:
+                    scope.deadline = trio.current_time() + timeout
                 result = await fn(*args)
             if scope.cancelled_caught:
                 # Our own scope was cancelled: revocation, or the query timeout.
@@ -179,7 +187,7 @@ class Session(Lease):
                     raise self._lost()
                 pool.stats_query_timeouts += 1
                 raise QueryTimeout(
-                    f"{name} took longer than query_timeout={limits.query_timeout}s and was "
+                    f"{name} took longer than query_timeout={timeout}s and was "
                     "cancelled" + (f": {_short(query)}" if query else ""),
                     pool=pool.name,
                 )
@@ -194,6 +202,8 @@ class Session(Lease):
             if isinstance(exc, ConnectionLost):
                 raise
             self.broken = True
+            if self.revoked is not None:
+                raise self._lost() from exc
             self.fail_all("the connection was lost")
             raise self._lost(
                 pool.scrub(f"connection lost during {name}: {exc}")
@@ -247,22 +257,25 @@ class Session(Lease):
         self.needs_reset = False
 
     async def cleanup(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
-        """A rollback on an exit path: shielded (a cancellation arriving now must not leave the
-        transaction open) and bounded by ``cleanup_timeout``. Failures mark the lease dirty for
-        the actor instead of masking the exception being handled."""
+        """A rollback on an exception exit path, bounded by ``cleanup_timeout``.
+
+        Deliberately not shielded: if a cancellation arrives now, the call is interrupted, the
+        lease is marked dirty and the actor finishes the rollback in its own task, so the
+        cancelled client is never delayed by recovery and the connection is never handed out
+        with the transaction open. Failures mark the lease dirty instead of masking the
+        exception being handled."""
         if self.revoked is not None or self.broken:
             return
         if self.interrupted or self.op_task is not None:
             self.needs_reset = True
             return
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self.pool.limits.cleanup_timeout) as scope:
-                try:
-                    await self.call(name, fn, check_failed=False)
-                except (PoolError, trio.Cancelled):
-                    self.needs_reset = True
-            if scope.cancelled_caught:
+        with trio.move_on_after(self.pool.limits.cleanup_timeout) as scope:
+            try:
+                await self.call(name, fn, check_failed=False)
+            except PoolError:
                 self.needs_reset = True
+        if scope.cancelled_caught:
+            self.needs_reset = True
 
 
 def _result_size(result: Any) -> Any:
@@ -452,12 +465,14 @@ class Connection:
         now = trio.current_time()
         base = s.hold_deadline if s.hold_deadline != math.inf else now
         s.hold_deadline = base + seconds
+        s.guarded = True
         s.actor.poke(s.hold_deadline)
 
     def reset_timeout(self, seconds: float) -> None:
         """Set this lease's hold deadline to ``seconds`` from now."""
         s = self._s()
         s.hold_deadline = trio.current_time() + seconds
+        s.guarded = True
         s.actor.poke(s.hold_deadline)
 
 
@@ -796,10 +811,12 @@ class TransactionBlock:
         session.scopes.clear()
         conn = session.conn
         if exc is None and not scope.failed and conn.status() == "transaction":
+            tx.committed = False
             await session.call("commit", conn.commit, check_failed=False)
             tx.committed = True
             return False
         tx.committed = False
+        status = conn.status()
         abrupt = exc is not None and not isinstance(exc, Exception | Rollback)
         if abrupt:
             session.needs_reset = True
@@ -808,7 +825,7 @@ class TransactionBlock:
         if own_rollback:
             return True
         if exc is None:
-            reason = scope.reason or f"the database reported the transaction as {conn.status()}"
+            reason = scope.reason or f"the database reported the transaction as {status!r}"
             raise TransactionFailed(
                 f"transaction rolled back, nothing was committed: {reason}",
                 pool=session.pool.name,

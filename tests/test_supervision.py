@@ -1,0 +1,233 @@
+"""Supervisor: restart of a crashing actor with backoff, restart intensity, shutdown, and the
+no-ExceptionGroup rule of every public context manager."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import trio
+import trio.testing
+
+from actors.driver import ConnectionLost as DriverLost
+from actors.scripted import Call, ScriptedDriver
+from supervisor import (
+    Backoff,
+    ConnectionLost,
+    LogEntry,
+    PoolClosed,
+    PoolError,
+    SafetyLimits,
+    open_pool,
+)
+
+
+async def test_crashed_actor_is_restarted_with_backoff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    driver = ScriptedDriver()
+    times: list[float] = []
+
+    async def fail(call: Call) -> None:
+        times.append(trio.current_time())
+        raise DriverLost("refused")
+
+    async def ok(call: Call) -> None:
+        times.append(trio.current_time())
+
+    # backoff "stop": a failed connect ends the actor (a crash); the supervisor restarts it
+    # after its own backoff delay.
+    driver.script("connect", fail, fail, ok)
+    entries: list[LogEntry] = []
+    async with open_pool(
+        driver,
+        size=1,
+        backoff=Backoff("stop"),
+        log=entries.append,
+        name="crashy",
+        queue_target=10.0,
+    ) as pool:
+        async with pool.run() as conn:
+            await conn.execute("works after restarts")
+        stats = pool.statistics()
+        assert stats.restarts == 2
+        assert stats.size == 1
+    assert [e.call for e in entries if e.call in ("crash", "restart")] == [
+        "crash",
+        "restart",
+        "crash",
+        "restart",
+    ]
+    crash = next(e for e in entries if e.call == "crash")
+    assert crash.pool == "crashy" and isinstance(crash.error, Exception)
+    # restart delays follow the pool's backoff policy ("stop" restarts at once)
+    assert times[1] - times[0] < 0.01
+
+
+async def test_restart_intensity_fails_the_pool_with_a_reason(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    driver = ScriptedDriver()
+    driver.script("connect", *[DriverLost("server is down")] * 10)
+    with pytest.raises(PoolClosed) as info:
+        async with open_pool(
+            driver,
+            size=1,
+            backoff=Backoff("stop"),
+            max_restarts=2,
+            restart_window=60,
+            name="doomed",
+        ) as pool:
+            await trio.sleep_forever()  # cancelled when the pool fails
+    message = str(info.value)
+    assert "'doomed'" in message
+    assert "3 actor crashes within 60s exceed max_restarts=2" in message
+    assert "server is down" in message
+    assert not isinstance(info.value, BaseExceptionGroup)
+    with pytest.raises(PoolClosed, match="max_restarts"):
+        await pool.fetch_all("select 1")
+
+
+async def test_connect_failures_back_off_and_recover(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    driver = ScriptedDriver()
+    times: list[float] = []
+
+    async def fail(call: Call) -> None:
+        times.append(trio.current_time())
+        raise DriverLost("refused")
+
+    driver.script("connect", fail, fail, fail)
+    async with open_pool(
+        driver, size=1, backoff=Backoff("exp", min=1.0, max=30.0), queue_target=100.0
+    ) as pool:
+        t0 = trio.current_time()
+        assert await pool.fetch_all("select 1") == []
+        waited = trio.current_time() - t0
+        assert pool.statistics().restarts == 0  # connect failures are not crashes
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+    assert gaps == [1.0, 2.0]
+    assert 6.9 <= waited <= 7.1  # 1 + 2 + 4
+
+
+async def test_body_exception_comes_out_as_itself() -> None:
+    driver = ScriptedDriver()
+    with pytest.raises(KeyError) as info:
+        async with open_pool(driver, size=2):
+            raise KeyError("mine")
+    assert type(info.value) is KeyError
+
+
+async def test_shutdown_closes_every_connection_and_leaks_no_task() -> None:
+    driver = ScriptedDriver()
+    async with open_pool(driver, size=3) as pool:
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.statistics().idle == 3
+    assert all(c.closed for c in driver.connections)
+    assert len(driver.connections) == 3
+    with pytest.raises(PoolClosed, match="closed"):
+        async with pool.run():
+            pass  # pragma: no cover
+
+
+async def test_shutdown_waits_for_held_handles_within_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    driver = ScriptedDriver()
+    finished = trio.Event()
+    async with trio.open_nursery() as nursery:
+        async with open_pool(driver, size=1, limits=SafetyLimits(shutdown_grace=10)) as pool:
+            holding = trio.Event()
+
+            async def holder() -> None:
+                async with pool.run() as conn:
+                    holding.set()
+                    await trio.sleep(3)
+                    await conn.execute("finishes within grace")
+                finished.set()
+
+            nursery.start_soon(holder)
+            await holding.wait()
+            t0 = trio.current_time()
+        assert finished.is_set()
+        assert 2.9 <= trio.current_time() - t0 <= 3.1
+    assert driver.ops().count("execute") == 1
+
+
+async def test_shutdown_revokes_handles_held_past_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    driver = ScriptedDriver()
+    outcome: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+        async with open_pool(driver, size=1, limits=SafetyLimits(shutdown_grace=1)) as pool:
+            holding = trio.Event()
+
+            async def holder() -> None:
+                async with pool.run() as conn:
+                    holding.set()
+                    await trio.sleep(5)
+                    try:
+                        await conn.execute("too late")
+                    except PoolError as exc:
+                        outcome.append(exc)
+
+            nursery.start_soon(holder)
+            await holding.wait()
+            t0 = trio.current_time()
+        assert 0.9 <= trio.current_time() - t0 <= 1.1
+    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionLost)
+    assert driver.ops().count("execute") == 0
+    assert all(c.closed for c in driver.connections)
+
+
+async def test_waiters_get_pool_closed_at_shutdown() -> None:
+    driver = ScriptedDriver()
+    errors: list[BaseException] = []
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        async with open_pool(driver, size=1, limits=SafetyLimits(shutdown_grace=0)) as pool:
+
+            async def holder(task_status: trio.TaskStatus[None]) -> None:
+                async with pool.run():
+                    task_status.started()
+                    await release.wait()
+
+            async def waiter() -> None:
+                try:
+                    async with pool.run():
+                        pass  # pragma: no cover
+                except PoolClosed as exc:
+                    errors.append(exc)
+
+            await nursery.start(holder)
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.statistics().waiting == 1
+        assert len(errors) == 1 and "closing" in str(errors[0])
+        release.set()
+
+
+async def test_log_entries_for_queries_with_params_redacted() -> None:
+    driver = ScriptedDriver()
+    driver.script("fetch", [(1,), (2,)])
+    entries: list[LogEntry] = []
+    async with open_pool(driver, size=1, log=entries.append, name="logged") as pool:
+        await pool.fetch_all("select * from t where a = ?", ("secret-value",))
+    entry = next(e for e in entries if e.call == "fetch_all")
+    assert entry.pool == "logged"
+    assert entry.query == "select * from t where a = ?"
+    assert "secret-value" not in repr(entry)
+    assert entry.result == 2
+    assert entry.pool_time is not None and entry.connection_time is not None
+    assert [e.call for e in entries].count("connect") == 1
+
+
+async def test_log_hook_exceptions_never_break_queries() -> None:
+    def bad_hook(entry: LogEntry) -> None:
+        raise RuntimeError("hook bug")
+
+    driver = ScriptedDriver()
+    async with open_pool(driver, size=1, log=bad_hook) as pool:
+        assert await pool.execute("still works") == 0
