@@ -174,6 +174,8 @@ class Actor:
         self.expires_at = math.inf
         self.replace_at = math.inf
         self.retire = False
+        self.exiting = False
+        self.checked_at = 0.0
         self._sleep: trio.CancelScope | None = None
         self._why = ""
         self._why_error: BaseException | None = None
@@ -281,13 +283,18 @@ class Actor:
         now = trio.current_time()
         config = self.config
         if self.state == "idle":
-            deadline = min(self.idle_since + config.idle_interval, self.expires_at, self.replace_at)
+            ping_at = max(self.idle_since, self.checked_at) + config.idle_interval
+            deadline = min(ping_at, self.expires_at, self.replace_at)
             if config.max_idle is not None and self.host.can_shrink(self):
                 deadline = min(deadline, self.idle_since + config.max_idle)
             return deadline
         # Busy or being recovered by the pool: wake for the hold deadline, for a due replacement,
-        # and periodically, because a clean return to the idle set sends no message (hot path).
-        deadline = now + config.idle_interval
+        # and periodically, because a clean return to the idle set sends no message (hot path):
+        # often enough that neither the idle ping nor max_idle is noticed late.
+        period = config.idle_interval
+        if config.max_idle is not None:
+            period = min(period, config.max_idle)
+        deadline = now + period
         if self.lease is not None:
             deadline = min(deadline, self.lease.hold_deadline)
         if not self.retire:
@@ -309,9 +316,11 @@ class Actor:
                 if due:
                     self._why = "replaced (max_lifetime or disconnect_all)"
                     return "reconnect"
+                self.exiting = True
                 self._why = "idle longer than max_idle above min_size"
                 return "exit"
-            if now >= self.idle_since + config.idle_interval and self.host.withdraw(self):
+            ping_at = max(self.idle_since, self.checked_at) + config.idle_interval
+            if now >= ping_at and self.host.withdraw(self):
                 return await self._ping()
             return "stay"
         lease = self.lease
@@ -333,7 +342,13 @@ class Actor:
             self.host.report("ping_failed", self, error=exc)
             self._why, self._why_error = "ping failed", exc
             return "reconnect"
+        # A ping is not a use: keep the idle clock running (max_idle), note when we checked.
+        idle_since = self.idle_since
+        self.checked_at = trio.current_time()
         self.host.ready(self)
+        state: str = self.state  # ready() may have handed it straight to a waiter
+        if state == "idle":
+            self.idle_since = idle_since
         return "stay"
 
     async def _revoke(self, lease: Lease, reason: str) -> str:

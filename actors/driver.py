@@ -220,6 +220,10 @@ class Driver(Protocol):
         """The secret strings in ``options`` (passwords), so messages can be scrubbed."""
         ...
 
+    # Optional: ``close()`` (sync or async) releasing resources shared by all connections (for
+    # example SQLite's shared in-memory database). ``open_pool`` calls it when the pool closes,
+    # for a driver it built from a URL; a driver object passed in stays the caller's to close.
+
 
 def redact(text: str, secrets: Sequence[str]) -> str:
     """Replace every occurrence of each secret in ``text`` with ``***``.

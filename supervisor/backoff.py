@@ -7,6 +7,7 @@ worked and then dropped reconnects at once and only repeated failures back off.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +41,12 @@ class Backoff:
             raise ValueError(f"backoff kind must be one of {', '.join(_KINDS)}, not {self.kind!r}")
         for field in ("min", "max"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or math.isnan(value)
+                or value < 0
+            ):
                 raise ValueError(f"backoff {field} must be a number >= 0, not {value!r}")
         if self.min > self.max:
             raise ValueError(f"backoff min ({self.min}) must not exceed max ({self.max})")
@@ -67,5 +73,8 @@ class Backoff:
         prev = self.min
         yield prev
         while True:
-            prev = rng.uniform(min(prev, lower), min(3 * prev, self.max))
+            # From min=0, 3*prev would stay 0 forever (a reconnect loop with no pause): grow
+            # from a floor of 1 ms, as ``exp`` does.
+            upper = min(3 * max(prev, 1e-3), self.max)
+            prev = rng.uniform(min(prev, lower, upper), upper)
             yield prev

@@ -232,7 +232,7 @@ class Session(Lease):
                         pool_time=self.checkout_wait if oneshot else None,
                         connection_time=time.perf_counter() - started,
                         result=_result_size(result) if error is None else None,
-                        error=error,
+                        error=pool.safe_error(error),
                     ),
                 )
 
@@ -772,7 +772,7 @@ class TransactionBlock:
         if session.scopes and session.scopes[-1] is scope:
             session.scopes.pop()
         conn = session.conn
-        if exc is None and not scope.failed and conn.status() == "transaction":
+        if exc is None and not scope.failed and conn.status() in ("transaction", "unknown"):
             try:
                 await session.call("release", conn.release, name, check_failed=False)
             except BaseException:
@@ -810,7 +810,9 @@ class TransactionBlock:
     ) -> bool:
         session.scopes.clear()
         conn = session.conn
-        if exc is None and not scope.failed and conn.status() == "transaction":
+        # "unknown": the driver cannot tell (a connection that died unnoticed). Try the COMMIT:
+        # a dead connection then reports ConnectionLost, which is the truth.
+        if exc is None and not scope.failed and conn.status() in ("transaction", "unknown"):
             tx.committed = False
             await session.call("commit", conn.commit, check_failed=False)
             tx.committed = True

@@ -9,6 +9,7 @@ the lease as its result, so a hand-over can never be lost to a cancellation raci
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import random
@@ -206,25 +207,34 @@ class Pool:
         )
 
     async def run_transaction(
-        self, fn: Callable[..., Awaitable[Any]], *args: Any, retries: int = 3
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        *args: Any,
+        retries: int = 3,
+        isolation: str | None = None,
+        read_only: bool = False,
+        mode: str | None = None,
     ) -> Any:
         """Run ``await fn(tx, *args)`` in a transaction and return its result, re-running the
         whole transaction up to ``retries`` more times on a ``SerializationFailure`` (SQLSTATE
         40001 / 40P01, SQLite busy), with a short randomized pause between attempts.
 
-        Inside a transaction the task already holds, it cannot retry (the outer transaction is
-        the unit of retry): it runs ``fn`` once as a nested block.
+        ``isolation``, ``read_only`` and ``mode`` are passed to :meth:`transaction` (on SQLite,
+        ``mode="immediate"`` avoids most busy retries of write transactions). Inside a
+        transaction the task already holds, it cannot retry (the outer transaction is the unit
+        of retry): it runs ``fn`` once as a nested flat block, and the options must be unset.
         """
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ConfigError(f"retries must be an integer >= 0, not {retries!r}", pool=self.name)
         held = self._holders.get(trio.lowlevel.current_task())
+        options: dict[str, Any] = {"isolation": isolation, "read_only": read_only, "mode": mode}
         if held is not None and held.scopes:
-            async with self.transaction() as tx:
+            async with self.transaction(**options) as tx:
                 return await fn(tx, *args)
         attempt = 0
         while True:
             try:
-                async with self.transaction() as tx:
+                async with self.transaction(**options) as tx:
                     return await fn(tx, *args)
             except SerializationFailure:
                 if attempt >= retries:
@@ -425,8 +435,10 @@ class Pool:
         return True
 
     def can_shrink(self, actor: Actor) -> bool:
-        """Elastic pools close idle connections above ``min_size``."""
-        return len(self._actors) > self.min_size
+        """Elastic pools close idle connections above ``min_size`` (actors already on their
+        way out do not count, so simultaneous expiries never go below ``min_size``)."""
+        staying = sum(1 for a in self._actors.values() if not a.exiting)
+        return staying > self.min_size
 
     def configure(self, options: Mapping[str, Any], index: int) -> Mapping[str, Any]:
         """Options for the next connect attempt (the ``configure=`` hook, if any)."""
@@ -480,7 +492,7 @@ class Pool:
                     pool=self.name,
                     call=event,
                     connection=actor.index,
-                    error=error,
+                    error=self.safe_error(error),
                     message=self.scrub(text) or None,
                 ),
             )
@@ -490,6 +502,24 @@ class Pool:
     def scrub(self, text: str) -> str:
         """Remove every known secret from ``text``."""
         return redact(text, self._secrets)
+
+    def safe_error(self, error: BaseException | None) -> BaseException | None:
+        """``error`` for a log entry, or, if its text (or that of any exception it chains to)
+        contains a known secret, a scrubbed stand-in with no chain: a log hook that prints
+        ``entry.error`` must never print a password."""
+        if error is None or not self._secrets:
+            return error
+        seen: set[int] = set()
+        exc: BaseException | None = error
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            text = f"{exc!s} {exc!r}"
+            if any(secret and secret in text for secret in self._secrets):
+                return PoolError(
+                    self.scrub(f"{type(error).__name__}: {error}"), pool=self.name
+                )
+            exc = exc.__cause__ or exc.__context__
+        return error
 
     def log_params_of(self, params: Params) -> Any:
         """What the log hook may see of the parameters."""
@@ -538,7 +568,9 @@ class Pool:
         self._failure = error
         self._state = "failed"
         for waiter in self._queue.drain():
-            trio.lowlevel.reschedule(waiter.token, outcome.Error(error))
+            # A distinct instance per waiter: the supervisor raises ``error`` itself, and one
+            # exception object must not travel up two tasks (it would be counted twice).
+            trio.lowlevel.reschedule(waiter.token, outcome.Error(self._closed_error()))
 
     def _closed_error(self) -> PoolError:
         if self._failure is not None:
@@ -586,7 +618,10 @@ class Pool:
 
 def _check_timeout(pool: Pool, timeout: float | None) -> None:
     if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or math.isnan(timeout)
+        or timeout < 0
     ):
         raise ConfigError(f"timeout must be a number of seconds >= 0, not {timeout!r}",
                           pool=pool.name)
@@ -608,13 +643,13 @@ def _driver_for(target: str | Driver, name: str) -> Driver:
     scheme = target.split(":", 1)[0].lower() if ":" in target else ""
     try:
         if scheme in ("postgresql", "postgres"):
-            from actors import psycopg as pg
+            from actors.psycopg import from_url as pg_from_url
 
-            return pg.from_url(target)  # type: ignore[no-any-return, unused-ignore]
+            return pg_from_url(target)
         if scheme == "sqlite":
-            from actors import sqlite
+            from actors.sqlite import from_url as sqlite_from_url
 
-            return sqlite.from_url(target)  # type: ignore[no-any-return, unused-ignore]
+            return sqlite_from_url(target)
     except ImportError as exc:
         raise ConfigError(
             f"the {scheme} driver is not installed ({exc}); install "
@@ -754,7 +789,7 @@ def open_pool(
         restart_window=restart_window,
         seed=seed,
     )
-    return _PoolContext(pool)
+    return _PoolContext(pool, owns_driver=isinstance(target, str))
 
 
 class _PoolContext:
@@ -764,8 +799,9 @@ class _PoolContext:
     single error (from the body or from the pool) comes out as itself.
     """
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, *, owns_driver: bool) -> None:
         self._pool = pool
+        self._owns_driver = owns_driver
         self._cm: Any = None
 
     async def __aenter__(self) -> Pool:
@@ -793,12 +829,27 @@ class _PoolContext:
     @asynccontextmanager
     async def _run(self) -> AsyncIterator[Pool]:
         pool = self._pool
-        async with trio.open_nursery() as nursery:
-            await pool._open(nursery)
-            try:
-                yield pool
-            finally:
-                await pool._close(nursery)
+        try:
+            async with trio.open_nursery() as nursery:
+                await pool._open(nursery)
+                try:
+                    yield pool
+                finally:
+                    await pool._close(nursery)
+        finally:
+            if self._owns_driver:
+                await _close_driver(pool.driver)
+
+
+async def _close_driver(driver: Driver) -> None:
+    """Release a driver the pool built from a URL (optional ``close()``, sync or async)."""
+    close = getattr(driver, "close", None)
+    if close is None:
+        return
+    with trio.CancelScope(shield=True):
+        result = close()
+        if inspect.isawaitable(result):
+            await result
 
 
 def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
@@ -812,10 +863,11 @@ def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | No
             leaves.append(exc)
 
     walk(group)
-    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    unique = list({id(e): e for e in leaves}.values())
+    real = [e for e in unique if not isinstance(e, trio.Cancelled)]
     if len(real) == 1:
         return real[0]
-    if not real and leaves:
-        return leaves[0]
+    if not real and unique:
+        return unique[0]
     return None
 

@@ -127,6 +127,9 @@ class WaiterQueue:
             if head is None:
                 self.codel.on_idle()
                 return None, dropped
+            # DBConnection's dequeue_slow then serves like the fast path: the served wait
+            # still counts towards this interval's minimum, so the pool can leave "slow".
+            self.codel.delay = min(self.codel.delay, now - head.start)
         return self._pop_head(), dropped
 
     def poll(self, now: float) -> list[Waiter]:

@@ -58,6 +58,8 @@ class Supervisor:
                 pool._actor_gone(actor, crashed=True)
                 pool.report("crash", actor, error=exc)
                 self._check_intensity(actor, exc)
+                if actor.generation > 0:
+                    delays = None  # it had connected: a fresh crash, restart delays start over
                 delays = delays or self._delays()
                 await trio.sleep(next(delays, 0.0))
                 pool.stats_restarts += 1

@@ -462,3 +462,29 @@ async def test_abandoned_stream_makes_lease_dirty_and_actor_resets() -> None:
         async with pool.run() as conn2:
             assert conn2.status() == "idle"
     assert "reset" in driver.ops()
+
+
+async def test_run_transaction_passes_transaction_options() -> None:
+    driver = ScriptedDriver()
+
+    async def work(tx: object) -> str:
+        return "done"
+
+    async with open_pool(driver, size=1) as pool:
+        result = await pool.run_transaction(work, mode="immediate", isolation="serializable")
+        assert result == "done"
+    begin = next(c for c in driver.calls if c.op == "begin")
+    assert begin.args[0] == TransactionOptions("serializable", False, "immediate")
+
+
+async def test_commit_on_a_connection_that_died_unnoticed_reports_connection_lost() -> None:
+    from supervisor import ConnectionLost
+
+    driver = ScriptedDriver()
+    driver.script("commit", DriverLost("server closed the connection"))
+    async with open_pool(driver, size=1) as pool:
+        with pytest.raises(ConnectionLost):
+            async with pool.transaction() as tx:
+                await tx.execute("x")
+                driver.connections[0].forced_status = "unknown"
+        assert tx.committed is False

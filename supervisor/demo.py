@@ -1,0 +1,836 @@
+"""``python -m supervisor demo``: a bank-transfer workload run while faults are injected on purpose.
+
+Why it exists: to show, on a real database, that the pool loses nothing when connections die,
+leases are revoked, clients are cancelled mid-transaction and the driver fails at random; and to
+give users a template for their own fault-injection checks.
+
+The workload: ``accounts`` accounts start with ``INITIAL`` each, so the total is known. ``clients``
+tasks run transfers, each one transaction made of nested blocks:
+
+* the outer ``pool.transaction()`` (``BEGIN IMMEDIATE`` on SQLite: writers queue on the lock
+  instead of failing on a stale snapshot);
+* a ``tx.transaction(savepoint=True)`` block per leg (debit, credit); an overdraft violates a
+  CHECK constraint inside the debit savepoint, which rolls back to it, and the client then rolls
+  the whole transfer back with ``tx.rollback("insufficient funds")``;
+* sometimes a fee leg in a savepoint that is rolled back on purpose (``fee.rollback()``): its
+  writes must vanish while the transfer goes on;
+* a flat ``tx.transaction()`` block that writes the ledger row, keyed by the transfer id;
+* sometimes ``tx.rollback("audit veto")`` at the end, on purpose.
+
+Faults (``--faults some`` / ``heavy``): random driver errors and lost connections through
+:class:`actors.faults.FaultDriver` (including COMMITs that happen but whose reply is lost), clients
+cancelled after a random short deadline, ``kill()`` of a client's own connection
+mid-transaction, leases revoked by ``hold_timeout`` under slow clients, ``pool.disconnect_all()``,
+simulated server restarts (``FaultDriver.break_all()``) and, when heavy, failing connects and
+pings, slow statements, and driver bugs (an unexpected exception while an actor recovers a
+connection: the connection is replaced).
+
+The integrity check reads the database with a fresh, fault-free pool. It does not trust the
+clients: a client cancelled mid-COMMIT, or whose COMMIT reply was lost, cannot know whether its
+transfer committed. What must hold is: the total balance is unchanged; every account's balance
+equals its initial balance plus the ledger rows into it minus those out of it (so every committed
+transfer has exactly one ledger row, and no ledger row lacks its transfer); every transfer a
+client saw committed is in the ledger; no transfer whose every attempt failed before COMMIT was
+sent (rolled back on purpose, overdraft, ``kill()``, revocation, any error inside the block) is.
+Exit status 0 only if all of that holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TextIO
+
+import trio
+
+from actors.driver import Driver
+from actors.faults import Fault, FaultDriver, FaultPlan
+from supervisor.backoff import Backoff
+from supervisor.errors import (
+    ConnectionLost,
+    IntegrityError,
+    PoolError,
+    QueryError,
+    SerializationFailure,
+    TransactionFailed,
+)
+from supervisor.handles import Transaction
+from supervisor.limits import SafetyLimits
+from supervisor.pool import Pool, PoolStatistics, open_pool
+
+__all__ = [
+    "INITIAL",
+    "LEVELS",
+    "CheckResult",
+    "DemoConfig",
+    "DemoResult",
+    "FaultLevel",
+    "add_demo_arguments",
+    "check_integrity",
+    "run_demo",
+]
+
+INITIAL = 1_000
+"""Initial balance of every account."""
+
+FaultsName = Literal["none", "some", "heavy"]
+MAX_ATTEMPTS = 8
+"""Attempts per transfer when the database says "serialization failure / busy"."""
+
+
+@dataclass(frozen=True)
+class FaultLevel:
+    """What ``--faults`` means: driver faults, client misbehaviour and chaos actions.
+
+    Probabilities are per transfer; ``chaos_every`` is the mean number of seconds between chaos
+    actions (``None``: none), chosen among ``chaos``.
+    """
+
+    plan: FaultPlan
+    cancel: float = 0.0
+    kill: float = 0.0
+    dawdle: float = 0.0
+    hold_timeout: float | None = None
+    chaos_every: float | None = None
+    chaos: tuple[str, ...] = ()
+
+
+LEVELS: dict[str, FaultLevel] = {
+    "none": FaultLevel(plan=FaultPlan()),
+    "some": FaultLevel(
+        plan=FaultPlan(
+            ops={
+                "begin": Fault(error=0.01),
+                "execute": Fault(error=0.005, lost=0.002),
+                "commit": Fault(lost=0.003, lost_after=0.005),
+            }
+        ),
+        cancel=0.03,
+        kill=0.005,
+        dawdle=0.003,
+        hold_timeout=0.25,
+        chaos_every=1.0,
+        chaos=("disconnect_all", "break_all"),
+    ),
+    "heavy": FaultLevel(
+        plan=FaultPlan(
+            ops={
+                "connect": Fault(lost=0.05),
+                "begin": Fault(error=0.03, lost=0.01),
+                "execute": Fault(error=0.02, lost=0.01, latency=0.0005),
+                "savepoint": Fault(error=0.01),
+                "commit": Fault(error=0.02, lost=0.01, lost_after=0.02),
+                "ping": Fault(lost=0.05),
+            }
+        ),
+        cancel=0.08,
+        kill=0.02,
+        dawdle=0.01,
+        hold_timeout=0.2,
+        chaos_every=0.4,
+        chaos=("disconnect_all", "break_all", "driver_bug"),
+    ),
+}
+"""The fault levels of ``--faults``."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Options of one demo run (the command-line flags)."""
+
+    duration: float = 5.0
+    clients: int = 8
+    size: int = 4
+    accounts: int = 50
+    seed: int | None = None
+    faults: FaultsName = "some"
+    db: str | None = None
+    dsn: str | None = None
+    progress: Literal["auto", "rich", "plain", "off"] = "auto"
+
+
+@dataclass
+class CheckResult:
+    """The integrity check: ``ok`` and what was compared."""
+
+    ok: bool
+    expected_total: int
+    actual_total: int
+    ledger_rows: int
+    accounts_off: int
+    acked_missing: int
+    rolled_back_present: int
+    unknown_ids: int
+    uncertain: int
+    uncertain_committed: int
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Stats:
+    """Live counters of the workload (single Trio thread: no locking needed)."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    chaos: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    window: deque[tuple[float, float]] = field(default_factory=deque)
+    acked: set[str] = field(default_factory=set)
+    rolled_back: set[str] = field(default_factory=set)
+    uncertain: set[str] = field(default_factory=set)
+    attempted: set[str] = field(default_factory=set)
+
+    def committed(self, tid: str, latency: float) -> None:
+        self.acked.add(tid)
+        self.outcomes["committed"] += 1
+        self.latencies.append(latency)
+        self.window.append((time.perf_counter(), latency))
+
+
+@dataclass
+class DemoResult:
+    """Everything a run measured; ``exit_status`` is 0 only when the check holds."""
+
+    config: DemoConfig
+    seed: int
+    elapsed: float
+    stats: _Stats
+    pool: PoolStatistics | None
+    injected: dict[str, int]
+    check: CheckResult
+
+    @property
+    def exit_status(self) -> int:
+        """0 when the integrity check holds, 1 otherwise."""
+        return 0 if self.check.ok else 1
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[index]
+
+
+class _Sql:
+    """SQL text for the database at hand: SQLite takes ``?``, psycopg ``%s``."""
+
+    def __init__(self, postgres: bool) -> None:
+        self.postgres = postgres
+
+    def __call__(self, query: str) -> str:
+        return query.replace("?", "%s") if self.postgres else query
+
+
+def _drivers(config: DemoConfig, path: str | None) -> tuple[Driver, Callable[[], Driver]]:
+    """The workload's driver and a factory of fault-free drivers for setup and checking."""
+    if config.dsn is not None:
+        from actors import psycopg as pg
+
+        dsn = config.dsn
+        return pg.from_url(dsn), lambda: pg.from_url(dsn)
+    from actors.sqlite import SqliteDriver
+
+    assert path is not None
+    return SqliteDriver(path), lambda: SqliteDriver(path)
+
+
+async def _create_schema(pool: Pool, sql: _Sql, accounts: int) -> None:
+    await pool.execute("DROP TABLE IF EXISTS demo_ledger")
+    await pool.execute("DROP TABLE IF EXISTS demo_accounts")
+    await pool.execute(
+        "CREATE TABLE demo_accounts (id INTEGER PRIMARY KEY, "
+        "balance BIGINT NOT NULL CHECK (balance >= 0))"
+    )
+    await pool.execute(
+        "CREATE TABLE demo_ledger (transfer_id TEXT PRIMARY KEY, src INTEGER NOT NULL, "
+        "dst INTEGER NOT NULL, amount BIGINT NOT NULL)"
+    )
+    async with pool.transaction() as tx:
+        for account in range(1, accounts + 1):
+            await tx.execute(sql("INSERT INTO demo_accounts VALUES (?, ?)"), (account, INITIAL))
+
+
+async def check_integrity(pool: Pool, accounts: int, stats: _Stats | None = None) -> CheckResult:
+    """Compare balances with the ledger (and, given the run's ``stats``, with what clients were
+    told where they can know). Public so that a test can run it on a database it damaged on
+    purpose."""
+    problems: list[str] = []
+    balances: dict[int, int] = {
+        int(account): int(balance)
+        for account, balance in await pool.fetch_all("SELECT id, balance FROM demo_accounts")
+    }
+    ledger = await pool.fetch_all("SELECT transfer_id, src, dst, amount FROM demo_ledger")
+    expected = {a: INITIAL for a in range(1, accounts + 1)}
+    for _, src, dst, amount in ledger:
+        expected[src] = expected.get(src, 0) - amount
+        expected[dst] = expected.get(dst, 0) + amount
+    total = sum(balances.values())
+    expected_total = accounts * INITIAL
+    if total != expected_total:
+        problems.append(f"total balance is {total}, expected {expected_total}")
+    off = [a for a in expected.keys() | balances.keys() if balances.get(a) != expected.get(a)]
+    if off:
+        problems.append(
+            f"{len(off)} account(s) disagree with the ledger (e.g. account {off[0]}: balance "
+            f"{balances.get(off[0])}, ledger says {expected.get(off[0])})"
+        )
+    ids = {row[0] for row in ledger}
+    acked_missing = rolled_back_present = unknown = uncertain = uncertain_committed = 0
+    if stats is not None:
+        acked_missing = len(stats.acked - ids)
+        rolled_back_present = len(stats.rolled_back & ids)
+        unknown = len(ids - stats.attempted)
+        uncertain = len(stats.uncertain)
+        uncertain_committed = len(stats.uncertain & ids)
+        if acked_missing:
+            problems.append(f"{acked_missing} acknowledged commit(s) missing from the ledger")
+        if rolled_back_present:
+            problems.append(f"{rolled_back_present} rolled-back transfer(s) found in the ledger")
+        if unknown:
+            problems.append(f"{unknown} ledger row(s) for transfers nobody attempted")
+    return CheckResult(
+        ok=not problems,
+        expected_total=expected_total,
+        actual_total=total,
+        ledger_rows=len(ledger),
+        accounts_off=len(off),
+        acked_missing=acked_missing,
+        rolled_back_present=rolled_back_present,
+        unknown_ids=unknown,
+        uncertain=uncertain,
+        uncertain_committed=uncertain_committed,
+        problems=problems,
+    )
+
+
+@dataclass
+class _Attempt:
+    """How far one attempt got: see :meth:`_Workload.transfer_once`."""
+
+    body_done: bool = False
+
+
+class _Workload:
+    """The clients, the chaos task and the numbers they produce."""
+
+    def __init__(
+        self, config: DemoConfig, level: FaultLevel, pool: Pool, faults: FaultDriver, seed: int
+    ) -> None:
+        self.config = config
+        self.level = level
+        self.pool = pool
+        self.faults = faults
+        self.seed = seed
+        self.sql = _Sql(config.dsn is not None)
+        self.stats = _Stats()
+        self.end = 0.0
+        self.outer: dict[str, Any] = {} if config.dsn is not None else {"mode": "immediate"}
+
+    async def transfer_once(
+        self, attempt: _Attempt, tid: str, src: int, dst: int, amount: int, plan: set[str]
+    ) -> Transaction:
+        """One attempt: the nested blocks described in the module docstring.
+
+        ``attempt.body_done`` is set as the last statement of the outer block's body: if the
+        attempt fails before that, COMMIT was never sent, so the transfer is certainly not
+        committed; after it, a failure or a cancellation may have hit COMMIT itself.
+        """
+        sql = self.sql
+        async with self.pool.transaction(**self.outer) as tx:
+            try:
+                async with tx.transaction(savepoint=True) as debit:
+                    await debit.execute(
+                        sql("UPDATE demo_accounts SET balance = balance - ? WHERE id = ?"),
+                        (amount, src),
+                    )
+            except IntegrityError:
+                tx.rollback("insufficient funds")
+            if "kill" in plan:
+                tx.kill()  # this connection dies now; the actor replaces it
+            async with tx.transaction(savepoint=True) as credit:
+                await credit.execute(
+                    sql("UPDATE demo_accounts SET balance = balance + ? WHERE id = ?"),
+                    (amount, dst),
+                )
+            if "fee" in plan:
+                async with tx.transaction(savepoint=True) as fee:
+                    # From the credited account, which holds at least `amount` >= 1 now.
+                    await fee.execute(
+                        sql("UPDATE demo_accounts SET balance = balance - 1 WHERE id = ?"), (dst,)
+                    )
+                    await fee.execute(
+                        sql("UPDATE demo_accounts SET balance = balance + 1 WHERE id = ?"), (src,)
+                    )
+                    fee.rollback("fee waived")
+            async with tx.transaction() as ledger:  # flat: same transaction, no SQL of its own
+                await ledger.execute(
+                    sql(
+                        "INSERT INTO demo_ledger (transfer_id, src, dst, amount) "
+                        "VALUES (?, ?, ?, ?)"
+                    ),
+                    (tid, src, dst, amount),
+                )
+            if "dawdle" in plan and self.level.hold_timeout is not None:
+                # A slow client holds its lease past hold_timeout: the pool revokes it.
+                await trio.sleep(self.level.hold_timeout * 1.5)
+            if "veto" in plan:
+                tx.rollback("audit veto")
+            attempt.body_done = True
+        return tx
+
+    def _failed(self, tid: str, outcome: str, attempt: _Attempt) -> None:
+        self.stats.outcomes[outcome] += 1
+        if attempt.body_done:
+            self.stats.uncertain.add(tid)  # it may have failed during COMMIT: nobody can know
+        else:
+            self.stats.rolled_back.add(tid)  # COMMIT was never sent
+
+    async def transfer(self, rng: random.Random, tid: str) -> None:
+        """Run one transfer to its end (retrying serialization failures) and record it."""
+        cfg, level, stats = self.config, self.level, self.stats
+        src, dst = rng.sample(range(1, cfg.accounts + 1), 2)
+        amount = rng.randint(1, INITIAL // 10)
+        plan = {
+            name
+            for name, p in (
+                ("fee", 0.2),
+                ("veto", 0.05),
+                ("kill", level.kill),
+                ("dawdle", level.dawdle),
+                ("cancel", level.cancel),
+            )
+            if rng.random() < p
+        }
+        stats.attempted.add(tid)
+        started = time.perf_counter()
+        for n in range(MAX_ATTEMPTS):
+            attempt = _Attempt()
+            scope = trio.CancelScope()
+            if "cancel" in plan:
+                scope.deadline = trio.current_time() + rng.uniform(0.0, 0.01)
+            try:
+                with scope:
+                    tx = await self.transfer_once(attempt, tid, src, dst, amount, plan)
+            except SerializationFailure:
+                # The database refused this attempt (nothing committed): run it again.
+                stats.retries += 1
+                if n + 1 < MAX_ATTEMPTS:
+                    await trio.sleep(rng.uniform(0, 0.002 * 2**n))  # backoff, not sync
+                    continue
+                stats.errors["SerializationFailure"] += 1
+                self._failed(tid, "gave up", attempt)
+                return
+            except ConnectionLost:
+                stats.errors["ConnectionLost"] += 1
+                if "kill" in plan:
+                    outcome = "killed"
+                elif "dawdle" in plan:
+                    outcome = "revoked"
+                else:
+                    outcome = "connection lost"
+                self._failed(tid, outcome, attempt)
+                return
+            except (QueryError, TransactionFailed, PoolError) as exc:
+                stats.errors[type(exc).__name__] += 1
+                self._failed(tid, "error", attempt)
+                return
+            if scope.cancelled_caught:
+                self._failed(tid, "cancelled", attempt)
+                return
+            if tx.committed:
+                stats.committed(tid, time.perf_counter() - started)
+            elif tx.rollback_reason == "insufficient funds":
+                stats.outcomes["insufficient funds"] += 1
+                stats.rolled_back.add(tid)
+            else:
+                stats.outcomes["rolled back"] += 1
+                stats.rolled_back.add(tid)
+            return
+
+    async def client(self, index: int) -> None:
+        """Run transfers until the end of the run."""
+        rng = random.Random(self.seed * 1009 + index)
+        n = 0
+        while trio.current_time() < self.end:
+            n += 1
+            await self.transfer(rng, f"c{index}-{n}")
+
+    async def chaos(self) -> None:
+        """Break things now and then, from outside the clients."""
+        level = self.level
+        if level.chaos_every is None or not level.chaos:
+            return
+        rng = random.Random(self.seed * 7919)
+        while True:
+            await trio.sleep(rng.expovariate(1.0 / level.chaos_every))  # a timer, not sync
+            if trio.current_time() >= self.end:
+                return
+            action = rng.choice(level.chaos)
+            self.stats.chaos[action] += 1
+            if action == "disconnect_all":
+                await self.pool.disconnect_all(interval=0.1)
+            elif action == "break_all":
+                self.faults.break_all()  # like a database server restart
+            elif action == "driver_bug":
+                # An unexpected exception in a driver call run by an actor: it crashes and the
+                # supervisor restarts it.
+                self.faults.fail_next("reset", RuntimeError("injected driver bug"))
+
+
+class _Progress:
+    """Live progress: a rich table on a terminal, plain lines otherwise (or nothing)."""
+
+    def __init__(self, work: _Workload, out: TextIO, mode: str) -> None:
+        self.work = work
+        self.out = out
+        if mode == "auto":
+            mode = "rich" if out.isatty() else "plain"
+        if mode == "rich":
+            try:
+                import rich  # noqa: F401
+            except ImportError:
+                mode = "plain"
+        self.mode = mode
+        self.started = time.perf_counter()
+
+    def snapshot(self) -> dict[str, str]:
+        """The numbers shown, formatted."""
+        work = self.work
+        stats = work.stats
+        now = time.perf_counter()
+        while stats.window and stats.window[0][0] < now - 2.0:
+            stats.window.popleft()
+        recent = [lat for _, lat in stats.window]
+        elapsed = now - self.started
+        pool = work.pool.statistics()
+        committed = stats.outcomes["committed"]
+        return {
+            "elapsed": f"{elapsed:.1f}s",
+            "committed": str(committed),
+            "tps": f"{committed / elapsed:.0f}" if elapsed > 0 else "-",
+            "p50": f"{_percentile(recent, 0.50) * 1e3:.1f}ms" if recent else "-",
+            "p99": f"{_percentile(recent, 0.99) * 1e3:.1f}ms" if recent else "-",
+            "rolled back": str(
+                stats.outcomes["rolled back"] + stats.outcomes["insufficient funds"]
+            ),
+            "failed": str(sum(n for k, n in stats.outcomes.items() if k not in _GOOD_OUTCOMES)),
+            "retries": str(stats.retries),
+            "pool": f"{pool.busy} busy/{pool.idle} idle/{pool.connecting} conn/{pool.size}",
+            "waiting": str(pool.waiting),
+            "connects": str(pool.connects),
+            "restarts": str(pool.restarts),
+            "dropped": str(pool.dropped),
+            "revoked": str(pool.revoked),
+            "faults": str(work.faults.count()),
+        }
+
+    def line(self) -> str:
+        """One plain progress line."""
+        return " ".join(f"{k}={v}" for k, v in self.snapshot().items())
+
+    def table(self) -> Any:
+        """The rich renderable: workload numbers on the left, pool numbers on the right."""
+        from rich.table import Table
+
+        snap = self.snapshot()
+        left = [
+            "elapsed",
+            "committed",
+            "tps",
+            "p50",
+            "p99",
+            "rolled back",
+            "failed",
+            "retries",
+        ]
+        right = [key for key in snap if key not in left]
+        table = Table(title="trio-connection-supervisor demo (2 s latency window)")
+        table.add_column("workload")
+        table.add_column("", justify="right")
+        table.add_column("pool")
+        table.add_column("", justify="right")
+        for i in range(max(len(left), len(right))):
+            lk = left[i] if i < len(left) else ""
+            rk = right[i] if i < len(right) else ""
+            table.add_row(lk, snap.get(lk, ""), rk, snap.get(rk, ""))
+        return table
+
+    async def run(self) -> None:
+        """Refresh until cancelled."""
+        if self.mode == "off":
+            return
+        if self.mode == "plain":
+            while True:
+                await trio.sleep(1.0)
+                print(self.line(), file=self.out, flush=True)
+        from rich.console import Console
+        from rich.live import Live
+
+        console = Console(file=self.out)
+        with Live(self.table(), console=console, refresh_per_second=4, transient=False) as live:
+            while True:
+                await trio.sleep(0.25)
+                live.update(self.table())
+
+
+_GOOD_OUTCOMES = frozenset({"committed", "rolled back", "insufficient funds"})
+
+
+@contextlib.contextmanager
+def _database_path(config: DemoConfig) -> Iterator[str | None]:
+    if config.dsn is not None:
+        yield None
+        return
+    if config.db is not None:
+        yield config.db
+        return
+    directory = tempfile.mkdtemp(prefix="tcs-demo-")
+    try:
+        yield os.path.join(directory, "demo.db")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def run_demo(config: DemoConfig, out: TextIO | None = None) -> DemoResult:
+    """Run the workload and the integrity check; print progress to ``out`` (stdout)."""
+    out = out if out is not None else sys.stdout
+    seed = config.seed if config.seed is not None else random.randrange(2**31)
+    level = LEVELS[config.faults]
+    sql = _Sql(config.dsn is not None)
+    with _database_path(config) as path:
+        inner, clean = _drivers(config, path)
+        async with open_pool(clean(), size=1, name="demo-setup") as setup:
+            await _create_schema(setup, sql, config.accounts)
+        faults = FaultDriver(inner, level.plan, seed=seed)
+        limits = SafetyLimits(
+            checkout_timeout=10.0,
+            hold_timeout=level.hold_timeout,
+            connect_timeout=5.0,
+            shutdown_grace=2.0,
+            cleanup_timeout=2.0,
+        )
+        started = time.perf_counter()
+        pool_stats: PoolStatistics | None = None
+        async with open_pool(
+            faults,
+            size=config.size,
+            name="demo",
+            backoff=Backoff(kind="rand_exp", min=0.005, max=0.2),
+            idle_interval=0.5,
+            limits=limits,
+            max_restarts=1000,
+            seed=seed,
+        ) as pool:
+            work = _Workload(config, level, pool, faults, seed)
+            work.end = trio.current_time() + config.duration
+            progress = _Progress(work, out, config.progress)
+            with trio.move_on_after(config.duration + 30.0):  # a safety net, not the plan
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(progress.run)
+                    nursery.start_soon(work.chaos)
+                    async with trio.open_nursery() as clients:
+                        for index in range(config.clients):
+                            clients.start_soon(work.client, index)
+                    nursery.cancel_scope.cancel()
+            faults.enabled = False
+            pool_stats = pool.statistics()
+        elapsed = time.perf_counter() - started
+        async with open_pool(clean(), size=1, name="demo-check") as checker:
+            check = await check_integrity(checker, config.accounts, work.stats)
+    injected: dict[str, int] = {}
+    for (_, what), n in faults.injected.items():
+        injected[what] = injected.get(what, 0) + n
+    return DemoResult(config, seed, elapsed, work.stats, pool_stats, injected, check)
+
+
+def _summary_rows(result: DemoResult) -> list[tuple[str, str]]:
+    stats, check = result.stats, result.check
+    lat = stats.latencies
+    rows = [
+        ("database", "PostgreSQL" if result.config.dsn else "SQLite"),
+        ("faults / seed", f"{result.config.faults} / {result.seed}"),
+        ("duration", f"{result.elapsed:.2f}s"),
+        ("clients / pool size", f"{result.config.clients} / {result.config.size}"),
+        ("transfers attempted", str(len(stats.attempted))),
+    ]
+    for name, n in sorted(stats.outcomes.items(), key=lambda kv: -kv[1]):
+        rows.append((f"  {name}", str(n)))
+    rows += [
+        ("throughput", f"{stats.outcomes['committed'] / max(result.elapsed, 1e-9):.0f} commits/s"),
+        (
+            "latency p50 / p99",
+            f"{_percentile(lat, 0.5) * 1e3:.1f} / {_percentile(lat, 0.99) * 1e3:.1f} ms"
+            if lat
+            else "-",
+        ),
+        ("serialization retries", str(stats.retries)),
+        ("errors seen by clients", ", ".join(f"{k}={v}" for k, v in stats.errors.items()) or "-"),
+        ("chaos actions", ", ".join(f"{k}={v}" for k, v in stats.chaos.items()) or "-"),
+        ("injected faults", ", ".join(f"{k}={v}" for k, v in result.injected.items()) or "-"),
+    ]
+    if result.pool is not None:
+        p = result.pool
+        rows.append(
+            (
+                "pool",
+                f"checkouts={p.checkouts} connects={p.connects} disconnects={p.disconnects} "
+                f"restarts={p.restarts} revoked={p.revoked} dropped={p.dropped} "
+                f"timeouts={p.timeouts}",
+            )
+        )
+    rows += [
+        ("total balance", f"{check.actual_total} (expected {check.expected_total})"),
+        ("ledger rows", str(check.ledger_rows)),
+        (
+            "uncertain outcomes",
+            f"{check.uncertain} (of which {check.uncertain_committed} had in fact committed)",
+        ),
+        ("integrity check", "PASSED" if check.ok else "FAILED: " + "; ".join(check.problems)),
+    ]
+    return rows
+
+
+def print_summary(result: DemoResult, out: TextIO, rich_output: bool) -> None:
+    """The final table: a rich table on a terminal, aligned plain text otherwise."""
+    rows = _summary_rows(result)
+    if rich_output:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="demo summary", show_header=False)
+        table.add_column("what", style="bold")
+        table.add_column("value")
+        for key, value in rows:
+            style = None
+            if key == "integrity check":
+                style = "green" if result.check.ok else "red"
+            table.add_row(key, value, style=style)
+        Console(file=out).print(table)
+        return
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}", file=out)
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``demo`` subcommand's flags."""
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long clients keep starting transfers (default: 5)",
+    )
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=8,
+        metavar="N",
+        help="concurrent client tasks running transfers (default: 8)",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=4,
+        metavar="N",
+        help="connections in the pool; clients beyond it queue (default: 4)",
+    )
+    parser.add_argument(
+        "--accounts",
+        type=int,
+        default=50,
+        metavar="N",
+        help=f"bank accounts, each starting with {INITIAL} (default: 50)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for the workload and the fault draws (default: random, printed at the end)",
+    )
+    parser.add_argument(
+        "--faults",
+        choices=("none", "some", "heavy"),
+        default="some",
+        help="what to break on purpose: none; some (random driver errors and lost connections, "
+        "lost COMMIT replies, cancelled clients, kill(), hold-timeout revocations, "
+        "disconnect_all, server restarts); heavy (all of that more often, plus failing connects "
+        "and pings, slow statements and driver bugs) (default: some)",
+    )
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument(
+        "--db",
+        metavar="PATH",
+        default=None,
+        help="SQLite database file to use (its demo_* tables are replaced; default: a "
+        "temporary file, deleted afterwards)",
+    )
+    target.add_argument(
+        "--dsn",
+        metavar="postgresql://...",
+        default=None,
+        help="run on PostgreSQL instead of SQLite (its demo_accounts and demo_ledger tables "
+        "are replaced)",
+    )
+    parser.add_argument(
+        "--progress",
+        choices=("auto", "rich", "plain", "off"),
+        default="auto",
+        help="live display: rich on a terminal, plain lines otherwise (default: auto)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """Validate the parsed flags into a :class:`DemoConfig` (ValueError naming the flag)."""
+    for name in ("clients", "size", "accounts"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1")
+    if args.accounts < 2:
+        raise ValueError("--accounts must be at least 2 (a transfer needs two accounts)")
+    if not args.duration > 0:
+        raise ValueError("--duration must be a positive number of seconds")
+    if args.dsn is not None and not args.dsn.startswith(("postgresql://", "postgres://")):
+        raise ValueError("--dsn must be a postgresql:// URL")
+    return DemoConfig(
+        duration=args.duration,
+        clients=args.clients,
+        size=args.size,
+        accounts=args.accounts,
+        seed=args.seed,
+        faults=args.faults,
+        db=args.db,
+        dsn=args.dsn,
+        progress=args.progress,
+    )
+
+
+def demo_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run ``demo`` from parsed arguments; return the exit status."""
+    out = out if out is not None else sys.stdout
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"python -m supervisor demo: error: {exc}", file=sys.stderr)
+        return 2
+    result = trio.run(run_demo, config, out)
+    rich_output = config.progress == "rich" or (config.progress == "auto" and out.isatty())
+    if rich_output:
+        try:
+            import rich  # noqa: F401
+        except ImportError:
+            rich_output = False
+    print_summary(result, out, rich_output)
+    return result.exit_status
