@@ -144,6 +144,7 @@ class Pool:
             rng=self._rng,
         )
         self._secrets: list[str] = []
+        self._last_connect_error: str | None = None
         self._state = "new"
         self._failure: PoolError | None = None
         self._leases_out = 0
@@ -366,10 +367,14 @@ class Pool:
 
     def _load(self) -> str:
         s = self.statistics()
-        return (
+        text = (
             f"size {s.size}/{s.max_size}, {s.busy} busy, {s.idle} idle, "
             f"{s.connecting} connecting, {s.waiting} waiting"
         )
+        if self._last_connect_error is not None and s.idle == 0 and s.busy < s.size:
+            # The database is the problem, not the load: say so.
+            text += f"; last connect attempt failed: {self._last_connect_error}"
+        return text
 
     def _lend(self, actor: Actor, task: trio.lowlevel.Task | None) -> Session:
         assert actor.conn is not None
@@ -478,6 +483,9 @@ class Pool:
         """Count a lifecycle event and pass it to the log hook."""
         if event == "connect":
             self.stats_connects += 1
+            self._last_connect_error = None
+        elif event == "connect_failed" and error is not None:
+            self._last_connect_error = self.scrub(f"{type(error).__name__}: {error}")
         elif event == "disconnect":
             self.stats_disconnects += 1
         elif event == "revoked":
@@ -529,9 +537,14 @@ class Pool:
 
     def _drop(self, waiter: Waiter, now: float) -> None:
         self.stats_dropped += 1
+        cause = (
+            "no connection could be made"
+            if self._last_connect_error is not None and not self._idle
+            else "the pool is overloaded"
+        )
         error = QueueDropped(
-            f"dropped from the queue after waiting {now - waiter.start:.3f}s: the pool is "
-            f"overloaded (queue_target={self._queue.codel.target:g}s, {self._load()})",
+            f"dropped from the queue after waiting {now - waiter.start:.3f}s: {cause} "
+            f"(queue_target={self._queue.codel.target:g}s, {self._load()})",
             pool=self.name,
         )
         emit(self.log_hook, LogEntry(pool=self.name, call="dropped", error=error,

@@ -231,3 +231,22 @@ async def test_log_hook_exceptions_never_break_queries() -> None:
     driver = ScriptedDriver()
     async with open_pool(driver, size=1, log=bad_hook) as pool:
         assert await pool.execute("still works") == 0
+
+
+async def test_waiters_are_told_the_connect_error_not_overload(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from supervisor import CheckoutTimeout, QueueDropped
+
+    driver = ScriptedDriver(options={"password": "hunter2"})
+    driver.script("connect", *[DriverLost("connection refused (password hunter2)")] * 50)
+    limits = SafetyLimits(checkout_timeout=3)
+    async with open_pool(driver, size=1, limits=limits, name="down") as pool:
+        with pytest.raises(QueueDropped) as dropped:
+            await pool.fetch_all("select 1")
+        text = str(dropped.value)
+        assert "no connection could be made" in text and "connection refused" in text
+        assert "hunter2" not in text
+        with pytest.raises(CheckoutTimeout, match="connection refused"):
+            async with pool.run(timeout=0.5):
+                pass  # pragma: no cover
