@@ -44,10 +44,10 @@ class Backoff:
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
-                or math.isnan(value)
+                or not math.isfinite(value)
                 or value < 0
             ):
-                raise ValueError(f"backoff {field} must be a number >= 0, not {value!r}")
+                raise ValueError(f"backoff {field} must be a finite number >= 0, not {value!r}")
         if self.min > self.max:
             raise ValueError(f"backoff min ({self.min}) must not exceed max ({self.max})")
 

@@ -779,6 +779,12 @@ def open_pool(
     for opt, fn in (("after_connect", after_connect), ("configure", configure), ("log", log)):
         if fn is not None and not callable(fn):
             raise ConfigError(f"option {opt} must be callable, not {fn!r}", pool=pool_name)
+    if inspect.isfunction(after_connect) and not inspect.iscoroutinefunction(after_connect):
+        raise ConfigError(
+            "option after_connect must be an async function (async def f(conn)), "
+            f"not the plain function {after_connect.__name__!r}",
+            pool=pool_name,
+        )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"option seed must be an integer or None, not {seed!r}", pool=pool_name)
     driver = _driver_for(target, pool_name)
@@ -829,7 +835,7 @@ class _PoolContext:
             result: bool | None = await self._cm.__aexit__(*exc_info)
             return result
         except BaseExceptionGroup as group:
-            leaf = _single_leaf(group)
+            leaf = _single_leaf(group, self._pool)
             if leaf is None:
                 raise
             cause, context, tb = leaf.__cause__, leaf.__context__, leaf.__traceback__
@@ -865,7 +871,13 @@ async def _close_driver(driver: Driver) -> None:
             await result
 
 
-def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+def _single_leaf(group: BaseExceptionGroup[BaseException], pool: Pool) -> BaseException | None:
+    """The one exception a group stands for, or None if it really holds several.
+
+    Cancellations are noise here (the nursery's own). When the pool failed, the supervisor's
+    ``PoolClosed`` and the copies delivered to waiting clients are one failure: a body that
+    raised something else wins (its context shows the failure), otherwise the pool's failure.
+    """
     leaves: list[BaseException] = []
 
     def walk(exc: BaseException) -> None:
@@ -878,6 +890,11 @@ def _single_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | No
     walk(group)
     unique = list({id(e): e for e in leaves}.values())
     real = [e for e in unique if not isinstance(e, trio.Cancelled)]
+    if pool._failure is not None:
+        others = [e for e in real if not (isinstance(e, PoolClosed) and e.pool == pool.name)]
+        if not others:
+            return pool._failure
+        real = others
     if len(real) == 1:
         return real[0]
     if not real and unique:
