@@ -1,0 +1,1 @@
+"""Real-server PostgreSQL tests (every test here is marked ``postgresql``)."""
