@@ -75,6 +75,10 @@ class Host(Protocol):
         """Count and log a lifecycle event."""
         ...
 
+    def scrub(self, text: str) -> str:
+        """``text`` with every known secret removed."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class ActorConfig:
@@ -232,17 +236,21 @@ class Actor:
                 with trio.fail_after(config.connect_timeout or math.inf):
                     conn = await config.driver.connect(options)
                     await self.host.after_connect(self, conn)
-            except Exception as exc:
-                if conn is not None:
+            except BaseException as exc:
+                if conn is not None:  # made but not ready (hook failed, timeout, shutdown)
                     with trio.CancelScope(shield=True):
                         await _close_quietly(conn, config.cleanup_timeout)
+                if not isinstance(exc, Exception):
+                    raise
                 self.host.report("connect_failed", self, error=exc)
                 delay = next(delays, None)
                 if delay is None:
+                    text = f"{type(exc).__name__}: {exc}"
+                    safe = self.host.scrub(text)
                     raise ActorGaveUp(
                         f"pool {self.host.name!r}: connection #{self.index} gave up after a "
-                        f"failed connect (backoff kind 'stop'): {exc}"
-                    ) from exc
+                        f"failed connect (backoff kind 'stop'): {safe}"
+                    ) from (exc if safe == text else None)
                 self.state = "backoff"
                 await trio.sleep(delay)
                 continue

@@ -235,6 +235,7 @@ class ScriptedConnection:
             self._check()
             self._status = before if after is None else after
             return default
+        immediate = _is_exception(driver._script[op][0])
         self._status = "unknown"
         with trio.CancelScope() as scope:
             self._scope = scope
@@ -242,6 +243,12 @@ class ScriptedConnection:
                 result = await driver._step(Call(self.id, op, args), default)
             except DatabaseError:
                 self._status = "error" if before in ("transaction", "error") else before
+                raise
+            except Exception as exc:
+                # A scripted exception is raised before any I/O: the connection is untouched
+                # (a real driver refusing bad arguments). From an async step it stays unknown.
+                if immediate and not isinstance(exc, ConnectionLost):
+                    self._status = before
                 raise
             finally:
                 self._scope = None
@@ -324,6 +331,12 @@ class ScriptedConnection:
         if self.driver.record:
             self.driver.calls.append(Call(self.id, "close", ()))
         await trio.lowlevel.checkpoint()
+
+
+def _is_exception(step: Step) -> bool:
+    return isinstance(step, BaseException) or (
+        isinstance(step, type) and issubclass(step, BaseException)
+    )
 
 
 def blocking(event: trio.Event, result: Any = None) -> Callable[[Call], Awaitable[Any]]:

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+from supervisor.errors import ConfigError
+
 __all__ = ["Backoff", "BackoffKind"]
 
 BackoffKind = Literal["stop", "exp", "rand", "rand_exp"]
@@ -38,7 +40,7 @@ class Backoff:
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
-            raise ValueError(f"backoff kind must be one of {', '.join(_KINDS)}, not {self.kind!r}")
+            raise ConfigError(f"backoff kind must be one of {', '.join(_KINDS)}, not {self.kind!r}")
         for field in ("min", "max"):
             value = getattr(self, field)
             if (
@@ -47,9 +49,9 @@ class Backoff:
                 or not math.isfinite(value)
                 or value < 0
             ):
-                raise ValueError(f"backoff {field} must be a finite number >= 0, not {value!r}")
+                raise ConfigError(f"backoff {field} must be a finite number >= 0, not {value!r}")
         if self.min > self.max:
-            raise ValueError(f"backoff min ({self.min}) must not exceed max ({self.max})")
+            raise ConfigError(f"backoff min ({self.min}) must not exceed max ({self.max})")
 
     def delays(self, rng: random.Random | None = None) -> Iterator[float]:
         """A fresh, endless (except for ``stop``) iterator of delays in seconds."""

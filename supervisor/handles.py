@@ -160,14 +160,15 @@ class Session(Lease):
                 f"refusing to run {name}" + (f": {_short(query)}" if query else ""),
                 pool=self.pool.name,
             )
-        if self.interrupted or self.needs_reset:
-            await self.recover_inline()
         pool = self.pool
         self.op_task = trio.lowlevel.current_task()
         started = time.perf_counter() if pool.log_hook is not None else 0.0
         error: BaseException | None = None
         result: Any = None
         try:
+            if self.interrupted or self.needs_reset:
+                # Inside the guarded region: another task cannot start a call meanwhile.
+                await self.recover_inline()
             if not self.guarded:
                 # Hot path: no deadline can fire during this call. A revocation (shutdown) then
                 # relies on the driver's kill-safe close(), which fails the call promptly.
@@ -210,7 +211,22 @@ class Session(Lease):
             ) from exc
         except drv.DatabaseError as exc:
             error = _query_error(pool, exc, query)
+            if self.scopes and self.conn.status() == "idle":
+                # The database ended the transaction by itself (SQLite does, for some errors):
+                # later statements would autocommit. Nothing more may run in this transaction.
+                self.fail_all("the database rolled the transaction back after an error")
             raise error from (exc.__cause__ or exc)
+        except (ValueError, TypeError) as exc:
+            if self.conn.status() == "unknown":
+                error = exc
+                self.broken = True
+                self.fail_all(f"{name} failed unexpectedly")
+                raise
+            # Refused before any I/O (a bad isolation level, mode or parameter): the
+            # connection is untouched and stays usable.
+            error = ConfigError(pool.scrub(f"{name} refused its arguments: {exc}"),
+                                pool=pool.name)
+            raise error from exc
         except BaseException as exc:
             error = exc
             if not isinstance(exc, PoolError):
@@ -266,7 +282,13 @@ class Session(Lease):
         exception being handled."""
         if self.revoked is not None or self.broken:
             return
-        if self.interrupted or self.op_task is not None:
+        if (
+            self.interrupted
+            or self.op_task is not None
+            or trio.current_effective_deadline() == -math.inf
+        ):
+            # Interrupted, or our task is already cancelled (the I/O would only raise
+            # Cancelled and mask the exception being handled): the actor rolls back.
             self.needs_reset = True
             return
         with trio.move_on_after(self.pool.limits.cleanup_timeout) as scope:
@@ -580,10 +602,11 @@ class Stream:
         if cursor is None:
             await trio.lowlevel.checkpoint()
             return
-        s.streams.discard(self)
-        if self._conn._closed or s.revoked is not None:
+        if not s.active or s.revoked is not None:
+            s.streams.discard(self)
             await trio.lowlevel.checkpoint()
             return
+        s.streams.discard(self)
         try:
             await s.call("stream", cursor.close, check_failed=False)
         except BaseException:
@@ -618,6 +641,9 @@ class RunBlock:
         self._owner = False
 
     async def __aenter__(self) -> Connection:
+        if self._handle is not None:
+            raise PoolError("a pool.run() block can be entered only once; call pool.run() "
+                            "again for a new block", pool=self._pool.name)
         pool = self._pool
         session = pool._holders.get(trio.lowlevel.current_task())
         if session is None:
@@ -648,8 +674,8 @@ class TransactionBlock:
     """``async with pool.transaction() as tx`` (or ``conn.transaction()``): BEGIN/COMMIT, or a
     nested flat block, or a savepoint, depending on what the task already holds."""
 
-    __slots__ = ("_kind", "_options", "_owner", "_pool", "_queue", "_savepoint", "_scope",
-                 "_session", "_timeout", "_tx")
+    __slots__ = ("_entered", "_kind", "_options", "_owner", "_pool", "_queue", "_savepoint",
+                 "_scope", "_session", "_timeout", "_tx")
 
     def __init__(
         self,
@@ -668,12 +694,17 @@ class TransactionBlock:
         self._timeout = timeout
         self._queue = queue
         self._owner = False
+        self._entered = False
         self._kind: Literal["outer", "flat", "savepoint"] = "outer"
         self._scope: _TxScope | None = None
         self._tx: Transaction | None = None
 
     async def __aenter__(self) -> Transaction:
         pool = self._pool
+        if self._scope is not None or self._entered:
+            raise PoolError("a transaction block can be entered only once; call "
+                            "transaction() again for a new block", pool=pool.name)
+        self._entered = True
         session = self._session
         if session is None:
             session = pool._holders.get(trio.lowlevel.current_task())
@@ -814,7 +845,15 @@ class TransactionBlock:
         # a dead connection then reports ConnectionLost, which is the truth.
         if exc is None and not scope.failed and conn.status() in ("transaction", "unknown"):
             tx.committed = False
-            await session.call("commit", conn.commit, check_failed=False)
+            try:
+                await session.call("commit", conn.commit, check_failed=False)
+            except Exception:
+                # Some databases keep the transaction open after a failed COMMIT (SQLite
+                # busy): end it, or the next statement in this lease would join it and be
+                # rolled back unseen.
+                if conn.status() in ("transaction", "error"):
+                    await session.cleanup("rollback", conn.rollback)
+                raise
             tx.committed = True
             return False
         tx.committed = False

@@ -9,18 +9,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from supervisor.errors import ConfigError
+
 __all__ = ["SafetyLimits"]
 
 
 def _check(name: str, value: float | None, *, allow_none: bool, allow_zero: bool = False) -> None:
     if value is None:
         if not allow_none:
-            raise ValueError(f"{name} must be a number of seconds, not None")
+            raise ConfigError(f"{name} must be a number of seconds, not None")
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, not {value!r}")
+        raise ConfigError(f"{name} must be a number, not {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {value!r}")
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,7 @@ class SafetyLimits:
             or not isinstance(self.max_waiting, int)
             or self.max_waiting < 0
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"max_waiting must be an integer >= 0 or None, not {self.max_waiting!r}"
             )
 

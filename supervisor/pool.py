@@ -14,7 +14,7 @@ import itertools
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,7 @@ import trio
 from actors.actor import Actor, ActorConfig
 from actors.driver import Connection as DriverConnection
 from actors.driver import Driver, Params, Row, redact
-from actors.messages import Disconnect
+from actors.messages import Disconnect, Kill
 from supervisor.backoff import Backoff
 from supervisor.errors import (
     CheckoutTimeout,
@@ -234,9 +234,11 @@ class Pool:
                 return await fn(tx, *args)
         attempt = 0
         while True:
+            result: Any = None
             try:
                 async with self.transaction(**options) as tx:
-                    return await fn(tx, *args)
+                    result = await fn(tx, *args)
+                return result  # committed, or rolled back by tx.rollback() (then None)
             except SerializationFailure:
                 if attempt >= retries:
                     raise
@@ -299,17 +301,27 @@ class Pool:
             query_timeouts=self.stats_query_timeouts,
         )
 
-    async def disconnect_all(self, interval: float = 0.0) -> None:
+    def disconnect_all(self, interval: float = 0.0) -> Awaitable[None]:
         """Replace every connection, spread evenly over ``interval`` seconds, without failing
         any client: an idle connection is replaced when its turn comes, a busy one when its
-        holder gives it back (failover, DNS change, rotated credentials). Returns at once."""
-        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
+        holder gives it back (failover, DNS change, rotated credentials).
+
+        The replacements are scheduled when this is called, and it returns at once; the result
+        may be awaited (a checkpoint) or ignored: ``pool.disconnect_all()`` and
+        ``await pool.disconnect_all()`` do the same.
+        """
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not math.isfinite(interval)
+            or interval < 0
+        ):
             raise ConfigError(f"interval must be a number >= 0, not {interval!r}", pool=self.name)
-        await trio.lowlevel.checkpoint()
         actors = sorted(self._actors.values(), key=lambda a: a.index)
         now = trio.current_time()
         for i, actor in enumerate(actors):
             actor.send(Disconnect(now + interval * i / max(len(actors), 1)))
+        return _Scheduled()
 
     # -- checkout and return (the hot path) -----------------------------------------------------
 
@@ -401,6 +413,17 @@ class Pool:
         if session.revoked is not None:
             return
         actor = session.actor
+        if session.op_task is not None:
+            # The block ended while another task is still inside a call on its handle: the
+            # connection is mid-call and must not be lent again. The actor takes it back
+            # (the straggler gets ConnectionLost) and connects a fresh one.
+            session.killed = True
+            session.revoke(
+                f"pool {self.name!r}: the block holding connection #{actor.index} ended while "
+                f"task {session.op_task.name!r} was still running a call on it"
+            )
+            actor.send(Kill("block ended with a call in flight", session.generation))
+            return
         actor.lease = None
         if session.clean():
             self.ready(actor)
@@ -466,12 +489,16 @@ class Pool:
         """Run the ``after_connect=`` hook with a handle on the new connection."""
         if self._after_connect is None:
             return
-        session = Session(self, actor, conn, actor.generation, trio.lowlevel.current_task())
+        task = trio.lowlevel.current_task()
+        session = Session(self, actor, conn, actor.generation, task)
         handle = Connection(session)
+        self._holders[task] = session  # pool.* one-shot calls in the hook use this connection
         try:
             await self._after_connect(handle)
         finally:
             handle._closed = True
+            if self._holders.get(task) is session:
+                del self._holders[task]
         if session.interrupted or session.broken or conn.status() != "idle":
             raise PoolError(
                 "after_connect left the connection busy or in a transaction", pool=self.name
@@ -627,6 +654,16 @@ class Pool:
             if self._state == "closing":
                 self._state = "closed"
         nursery.cancel_scope.cancel()
+
+
+class _Scheduled:
+    """What :meth:`Pool.disconnect_all` returns: the work is done; awaiting it is a
+    checkpoint (Trio's rule for anything awaitable)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return trio.lowlevel.checkpoint().__await__()  # noqa: ASYNC105 - delegated await
 
 
 def _check_timeout(pool: Pool, timeout: float | None) -> None:
@@ -822,6 +859,7 @@ class _PoolContext:
         self._pool = pool
         self._owns_driver = owns_driver
         self._cm: Any = None
+        self._body_error: BaseException | None = None
 
     async def __aenter__(self) -> Pool:
         if self._cm is not None:
@@ -835,7 +873,7 @@ class _PoolContext:
             result: bool | None = await self._cm.__aexit__(*exc_info)
             return result
         except BaseExceptionGroup as group:
-            leaf = _single_leaf(group, self._pool)
+            leaf = _single_leaf(group, self._pool, self._body_error)
             if leaf is None:
                 raise
             cause, context, tb = leaf.__cause__, leaf.__context__, leaf.__traceback__
@@ -853,6 +891,9 @@ class _PoolContext:
                 await pool._open(nursery)
                 try:
                     yield pool
+                except BaseException as exc:
+                    self._body_error = exc  # to give back this very object, not a copy
+                    raise
                 finally:
                     await pool._close(nursery)
         finally:
@@ -871,24 +912,32 @@ async def _close_driver(driver: Driver) -> None:
             await result
 
 
-def _single_leaf(group: BaseExceptionGroup[BaseException], pool: Pool) -> BaseException | None:
+def _same(a: BaseException, b: BaseException) -> bool:
+    """``a`` is ``b``, or a copy Trio derived from it (same message, same leaves)."""
+    if a is b:
+        return True
+    if isinstance(a, BaseExceptionGroup) and isinstance(b, BaseExceptionGroup):
+        return (
+            type(a) is type(b)
+            and a.message == b.message
+            and len(a.exceptions) == len(b.exceptions)
+            and all(_same(x, y) for x, y in zip(a.exceptions, b.exceptions, strict=True))
+        )
+    return False
+
+
+def _single_leaf(
+    group: BaseExceptionGroup[BaseException], pool: Pool, body: BaseException | None
+) -> BaseException | None:
     """The one exception a group stands for, or None if it really holds several.
 
     Cancellations are noise here (the nursery's own). When the pool failed, the supervisor's
     ``PoolClosed`` and the copies delivered to waiting clients are one failure: a body that
     raised something else wins (its context shows the failure), otherwise the pool's failure.
     """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for sub in exc.exceptions:
-                walk(sub)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    unique = list({id(e): e for e in leaves}.values())
+    # Only the nursery's own group is ours to unwrap: an ExceptionGroup raised by the body (or
+    # by a nursery inside it) is one of the children and comes out exactly as raised.
+    unique = list({id(e): e for e in group.exceptions}.values())
     real = [e for e in unique if not isinstance(e, trio.Cancelled)]
     if pool._failure is not None:
         others = [e for e in real if not (isinstance(e, PoolClosed) and e.pool == pool.name)]
@@ -896,6 +945,8 @@ def _single_leaf(group: BaseExceptionGroup[BaseException], pool: Pool) -> BaseEx
             return pool._failure
         real = others
     if len(real) == 1:
+        if body is not None and _same(real[0], body):
+            return body
         return real[0]
     if not real and unique:
         return unique[0]
