@@ -645,9 +645,10 @@ class RunBlock:
             raise PoolError("a pool.run() block can be entered only once; call pool.run() "
                             "again for a new block", pool=self._pool.name)
         pool = self._pool
-        session = pool._holders.get(trio.lowlevel.current_task())
+        task = trio.lowlevel.current_task()
+        session = pool._holders.get(task)
         if session is None:
-            session = await pool._checkout(self._timeout, self._queue)
+            session = await pool._checkout(self._timeout, self._queue, task)
             self._owner = True
         else:
             await trio.lowlevel.checkpoint()

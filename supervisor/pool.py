@@ -325,11 +325,14 @@ class Pool:
 
     # -- checkout and return (the hot path) -----------------------------------------------------
 
-    async def _checkout(self, timeout: float | None, queue: bool) -> Session:
+    async def _checkout(
+        self, timeout: float | None, queue: bool, task: trio.lowlevel.Task | None = None
+    ) -> Session:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._state != "open":
             raise self._closed_error()
-        task = trio.lowlevel.current_task()
+        if task is None:
+            task = trio.lowlevel.current_task()
         if self._idle:
             actor = self._idle.popleft()
             session = self._lend(actor, task)
@@ -438,7 +441,7 @@ class Pool:
     def ready(self, actor: Actor) -> None:
         """Hand ``actor``'s connection to the next waiter, or put it in the idle set."""
         now = trio.current_time()
-        if self._state == "open":
+        if self._state == "open" and self._queue.live:
             waiter, dropped = self._queue.serve(now)
             for gone in dropped:
                 self._drop(gone, now)
@@ -447,6 +450,8 @@ class Pool:
                 session.checkout_wait = now - waiter.start
                 trio.lowlevel.reschedule(waiter.token, outcome.Value(session))
                 return
+        else:
+            self._queue.codel.on_idle()
         actor.state = "idle"
         actor.idle_since = now
         self._idle.append(actor)
