@@ -16,6 +16,10 @@ Two kinds of failure matter to the pool and are told apart by type:
 Any other exception escaping a driver call is treated as a driver bug: the connection is
 considered broken and replaced.
 
+Checkpoint rule: every ``async`` method is a Trio checkpoint (it checks for cancellation and
+yields to the scheduler), as every async function in Trio is; the pool relies on it and does not
+add its own scheduling point before a driver call.
+
 Cancellation rule: a Trio cancellation may interrupt any ``await`` of a client-side call. The
 driver must let the cancelled caller go at once (no blocking cleanup in the caller's task); the
 connection may then be mid-protocol. The actor later calls :meth:`Connection.cancel` (stop what

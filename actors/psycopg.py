@@ -599,11 +599,17 @@ def _sync_run(
     return cur.rowcount, rows, cur.statusmessage
 
 
+_REUSE_CURSOR_MAX_ROWS = 100
+
+
 class _TrioBackend(_Backend):
     def __init__(self, conn: TrioAsyncConnection) -> None:
         self.conn = conn
         self.pgconn = conn.pgconn
         self._closed = False
+        # One cursor reused for every call (making one per call cost 9-15% of a `select 1`);
+        # forgotten after any failure or reset, so an interrupted cursor is never reused.
+        self._cursor: psycopg.AsyncCursor[TupleRow] | None = None
 
     @property
     def closed(self) -> bool:
@@ -612,15 +618,22 @@ class _TrioBackend(_Backend):
     async def run(
         self, query: str, params: Params, prepare: bool | None, want_rows: bool
     ) -> _Result:
-        cur = self.conn.cursor()
+        cur, self._cursor = self._cursor or self.conn.cursor(), None
         await cur.execute(query, params, prepare=prepare)
         rows = await cur.fetchall() if want_rows and _has_rows(cur.pgresult) else None
-        return cur.rowcount, rows, cur.statusmessage
+        result = cur.rowcount, rows, cur.statusmessage
+        if rows is None or len(rows) <= _REUSE_CURSOR_MAX_ROWS:
+            # Only a completed call gives its cursor back, and only after a small result: the
+            # cursor keeps its last PGresult alive, which must not pin a large one in memory.
+            self._cursor = cur
+        return result
 
     async def rollback(self) -> None:
+        self._cursor = None
         await self.conn.rollback()
 
     async def drain(self) -> None:
+        self._cursor = None
         async with self.conn.lock:
             await self.conn.wait(_drain_gen(self.pgconn))
 

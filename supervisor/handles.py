@@ -710,7 +710,8 @@ class TransactionBlock:
         if session is None:
             session = pool._holders.get(trio.lowlevel.current_task())
         if session is None:
-            session = await pool._checkout(self._timeout, self._queue)
+            # BEGIN follows at once and is a checkpoint: no extra scheduler pass needed.
+            session = await pool._checkout(self._timeout, self._queue, schedule=False)
             self._owner = True
         self._session = session
         try:
@@ -888,7 +889,7 @@ async def one_shot(
         return await method(Connection(session))
     attempts = 2 if retry else 1
     for attempt in range(attempts):
-        session = await pool._checkout(None, True)
+        session = await pool._checkout(None, True, schedule=False)
         handle = Connection(session, oneshot=True)
         try:
             return await method(handle)

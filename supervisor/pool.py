@@ -24,7 +24,7 @@ import trio
 
 from actors.actor import Actor, ActorConfig
 from actors.driver import Connection as DriverConnection
-from actors.driver import Driver, Params, Row, redact
+from actors.driver import Driver, Params, Row, TransactionOptions, redact
 from actors.messages import Disconnect, Kill
 from supervisor.backoff import Backoff
 from supervisor.errors import (
@@ -36,6 +36,7 @@ from supervisor.errors import (
     SerializationFailure,
 )
 from supervisor.handles import (
+    _NO_OPTIONS,
     Connection,
     RunBlock,
     Session,
@@ -196,15 +197,13 @@ class Pool:
         ``savepoint=True``. ``isolation`` (e.g. ``"serializable"``), ``read_only`` and ``mode``
         (SQLite: ``"deferred"``, ``"immediate"``, ``"exclusive"``) apply to the outermost block.
         """
-        from actors.driver import TransactionOptions
-
         _check_timeout(self, timeout)
+        if isolation is None and not read_only and mode is None:
+            options = _NO_OPTIONS
+        else:
+            options = TransactionOptions(isolation=isolation, read_only=read_only, mode=mode)
         return TransactionBlock(
-            self,
-            savepoint=savepoint,
-            options=TransactionOptions(isolation=isolation, read_only=read_only, mode=mode),
-            timeout=timeout,
-            queue=queue,
+            self, savepoint=savepoint, options=options, timeout=timeout, queue=queue
         )
 
     async def run_transaction(
@@ -326,8 +325,18 @@ class Pool:
     # -- checkout and return (the hot path) -----------------------------------------------------
 
     async def _checkout(
-        self, timeout: float | None, queue: bool, task: trio.lowlevel.Task | None = None
+        self,
+        timeout: float | None,
+        queue: bool,
+        task: trio.lowlevel.Task | None = None,
+        *,
+        schedule: bool = True,
     ) -> Session:
+        """Lease a connection. ``schedule=False`` skips the scheduling half of the checkpoint
+        on the fast path, for callers whose next step is a driver call (itself a checkpoint,
+        by the driver protocol): one-shot queries and BEGIN. That saves one scheduler pass
+        (10-12% of a one-shot `select 1` on PostgreSQL). Cancellation is still checked first.
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._state != "open":
             raise self._closed_error()
@@ -337,7 +346,8 @@ class Pool:
             actor = self._idle.popleft()
             session = self._lend(actor, task)
             self._holders[task] = session
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if schedule:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return session
         return await self._wait(task, timeout, queue)
 
