@@ -42,6 +42,7 @@ bounded) and :meth:`PsycopgConnection.reset` (drain the pending results, roll ba
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import math
 import os
@@ -544,42 +545,50 @@ async def _cancel_with(cancel_conn: pq.abc.PGcancelConn) -> None:
 _Result = tuple[int, list[Row] | None, str | None]
 
 
-class _Backend:
+class _Backend(abc.ABC):
     """The handful of primitive operations :class:`PsycopgConnection` is built on."""
 
     pgconn: pq.abc.PGconn
 
     @property
+    @abc.abstractmethod
     def closed(self) -> bool:
-        raise NotImplementedError
+        """The connection is closed (by us, or found dead)."""
 
+    @abc.abstractmethod
     async def run(
         self, query: str, params: Params, prepare: bool | None, want_rows: bool
     ) -> _Result:
-        raise NotImplementedError
+        """Run one statement; return (rowcount, rows or None, status message)."""
 
+    @abc.abstractmethod
     async def rollback(self) -> None:
-        raise NotImplementedError
+        """Roll back the open transaction (psycopg's own, protocol-aware rollback)."""
 
+    @abc.abstractmethod
     async def drain(self) -> None:
-        raise NotImplementedError
+        """Consume every pending result of an interrupted call, until libpq is idle."""
 
     @property
     def busy(self) -> bool:
         """An operation is in progress outside the caller's task (thread mode only)."""
         return False
 
-    async def settle(self) -> None:
-        """Wait until no operation of a cancelled caller is still running (thread mode)."""
+    async def settle(self) -> None:  # noqa: B027 - a no-op by default, on purpose
+        """Wait until no operation of a cancelled caller is still running (thread mode; the
+        Trio backend never has one, so by default there is nothing to wait for)."""
 
+    @abc.abstractmethod
     async def ping(self) -> None:
-        raise NotImplementedError
+        """One cheap round trip; raise if the connection is dead."""
 
+    @abc.abstractmethod
     async def cancel(self, timeout: float) -> None:
-        raise NotImplementedError
+        """Send the server-side cancel for the statement in flight, bounded by timeout."""
 
+    @abc.abstractmethod
     async def close(self) -> None:
-        raise NotImplementedError
+        """Close the connection; safe while a call is in flight in another task."""
 
 
 def _has_rows(result: pq.abc.PGresult | None) -> bool:

@@ -9,9 +9,11 @@ would hide a broken driver).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
@@ -80,3 +82,21 @@ def pg_private_cluster() -> Iterator[PostgresCluster]:
         pytest.fail(INSTALL_HINT, pytrace=False)
     with running_cluster(bindir) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def make_table(pg_dsn: str) -> Iterator[Callable[[str], str]]:
+    """Create uniquely named tables (dropped at teardown): ``make_table("id int primary key")``."""
+    names: list[str] = []
+
+    def make(columns: str) -> str:
+        name = f"tcs_t_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(pg_dsn, autocommit=True) as c:
+            c.execute(f"create table {name} ({columns})")
+        names.append(name)
+        return name
+
+    yield make
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        for name in names:
+            c.execute(f"drop table if exists {name}")

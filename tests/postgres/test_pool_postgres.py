@@ -13,7 +13,7 @@ import gc
 import math
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -55,23 +55,6 @@ def _target(dsn: str, app: str, io: str = "trio") -> str | PsycopgDriver:
 
 def _app() -> str:
     return f"tcs_{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def make_table(pg_dsn: str) -> Iterator[Callable[[str], str]]:
-    names: list[str] = []
-
-    def make(columns: str) -> str:
-        name = f"tcs_p_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(pg_dsn, autocommit=True) as c:
-            c.execute(f"create table {name} ({columns})")
-        names.append(name)
-        return name
-
-    yield make
-    with psycopg.connect(pg_dsn, autocommit=True) as c:
-        for name in names:
-            c.execute(f"drop table if exists {name}")
 
 
 def _count(dsn: str, sql: str) -> Any:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -44,24 +43,6 @@ async def conn(driver: PsycopgDriver) -> AsyncIterator[PsycopgConnection]:
         yield c
     finally:
         await c.close()
-
-
-@pytest.fixture
-def make_table(pg_dsn: str) -> Iterator[Callable[[str], str]]:
-    """Create uniquely named tables (dropped at teardown): ``make_table("id int primary key")``."""
-    names: list[str] = []
-
-    def make(columns: str) -> str:
-        name = f"tcs_t_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(pg_dsn, autocommit=True) as c:
-            c.execute(f"create table {name} ({columns})")
-        names.append(name)
-        return name
-
-    yield make
-    with psycopg.connect(pg_dsn, autocommit=True) as c:
-        for name in names:
-            c.execute(f"drop table if exists {name}")
 
 
 async def _wait_active(admin: Admin, pid: int) -> None:
