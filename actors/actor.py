@@ -31,7 +31,7 @@ import trio
 from actors.driver import Connection, Driver
 from actors.messages import Checkin, Disconnect, Kill, Message
 
-__all__ = ["Actor", "ActorConfig", "ActorGaveUp", "ActorState", "Host", "Lease"]
+__all__ = ["Actor", "ActorConfig", "ActorGaveUp", "ActorState", "Host", "Lease", "restore_idle"]
 
 ActorState = Literal["connecting", "backoff", "idle", "busy", "maintenance", "stopped"]
 """``idle``: in the pool's idle set. ``busy``: lent to a client. ``maintenance``: being pinged
@@ -313,7 +313,7 @@ class Actor:
         now = trio.current_time()
         config = self.config
         if self.state == "idle":
-            due = now >= self.expires_at or now >= self.replace_at
+            due = self._due(now)
             shrink = (
                 config.max_idle is not None
                 and now >= self.idle_since + config.max_idle
@@ -334,9 +334,15 @@ class Actor:
         lease = self.lease
         if lease is not None and now >= lease.hold_deadline:
             return await self._revoke(lease, "held longer than its hold deadline (hold_timeout)")
-        if now >= self.expires_at or now >= self.replace_at:
+        if self._due(now):
             self.retire = True
         return "stay"
+
+    def _due(self, now: float | None = None) -> bool:
+        """The connection outlived ``max_lifetime`` or ``disconnect_all`` asked for it."""
+        if now is None:
+            now = trio.current_time()
+        return now >= self.expires_at or now >= self.replace_at
 
     async def _ping(self) -> str:
         self.state = "maintenance"
@@ -396,24 +402,15 @@ class Actor:
         self.state = "maintenance"
         if self.lease is lease:
             self.lease = None
-        now = trio.current_time()
-        if (
-            lease.broken
-            or lease.revoked is not None
-            or self.retire
-            or now >= self.expires_at
-            or now >= self.replace_at
-        ):
+        if lease.broken or lease.revoked is not None or self.retire or self._due():
             self._why = "lost" if lease.broken else "replaced (max_lifetime or disconnect_all)"
             return "reconnect"
         conn = self.conn
         assert conn is not None
         try:
-            with trio.move_on_after(self.config.cleanup_timeout) as scope:
-                if lease.interrupted:
-                    await conn.cancel()
-                await conn.reset()
-            clean = not scope.cancelled_caught and conn.status() == "idle"
+            clean = await restore_idle(
+                conn, interrupted=lease.interrupted, timeout=self.config.cleanup_timeout
+            )
         except Exception as exc:
             self._why, self._why_error = "recovery failed", exc
             return "reconnect"
@@ -434,6 +431,21 @@ class Actor:
         with trio.CancelScope(shield=True):
             await _close_quietly(conn, self.config.cleanup_timeout)
         self.host.report("disconnect", self, error=error, message=why)
+
+
+async def restore_idle(conn: Connection, *, interrupted: bool, timeout: float) -> bool:
+    """Bring a connection back to a clean idle state: cancel the statement in flight (if a call
+    was interrupted), then reset, within ``timeout``. True if it is idle now; False if that
+    timed out or left it dirty. Driver exceptions propagate.
+
+    Shared by the actor (recovering a dirty lease) and a client that caught a cancellation and
+    goes on using its handle.
+    """
+    with trio.move_on_after(timeout) as scope:
+        if interrupted:
+            await conn.cancel()
+        await conn.reset()
+    return not scope.cancelled_caught and conn.status() == "idle"
 
 
 async def _close_quietly(conn: Connection, timeout: float) -> None:

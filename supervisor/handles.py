@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 import trio
 
 from actors import driver as drv
-from actors.actor import Actor, Lease
+from actors.actor import Actor, Lease, restore_idle
 from actors.messages import Kill
 from supervisor.errors import (
     CardinalityError,
@@ -138,6 +138,19 @@ class Session(Lease):
     def fail_all(self, reason: str) -> None:
         for scope in self.scopes:
             scope.fail(reason)
+
+    def kill(self, reason: str, why: str) -> None:
+        """Take the connection away for good: revoke the lease (later calls, and a call in
+        flight, get ``ConnectionLost`` with ``reason``) and have the actor replace it."""
+        self.killed = True
+        self.revoke(reason)
+        self.actor.send(Kill(why, self.generation))
+
+    def set_hold_deadline(self, deadline: float) -> None:
+        """Move the hold deadline; calls now run under a cancel scope so it can be enforced."""
+        self.hold_deadline = deadline
+        self.guarded = True
+        self.actor.poke(deadline)
 
     # -- the one place where client I/O happens ------------------------------------------------
 
@@ -256,17 +269,15 @@ class Session(Lease):
         """The client caught a cancellation (or a query timeout) and goes on using the lease:
         cancel and drain what was interrupted, roll back what was open, bounded; the transaction,
         if any, is failed."""
-        conn = self.conn
         self.fail_all("an interrupted call forced a rollback")
         try:
-            with trio.move_on_after(self.pool.limits.cleanup_timeout) as scope:
-                if self.interrupted:
-                    await conn.cancel()
-                await conn.reset()
+            clean = await restore_idle(
+                self.conn, interrupted=self.interrupted, timeout=self.pool.limits.cleanup_timeout
+            )
         except drv.ConnectionLost as exc:
             self.broken = True
             raise self._lost(self.pool.scrub(f"recovery after an interrupted call: {exc}")) from exc
-        if scope.cancelled_caught or conn.status() != "idle":
+        if not clean:
             self.broken = True
             raise self._lost("the connection could not be recovered after an interrupted call")
         self.interrupted = False
@@ -458,7 +469,7 @@ class Connection:
         s = self._s()
         return TransactionBlock(
             s.pool, session=s, savepoint=savepoint,
-            options=drv.TransactionOptions(isolation=isolation, read_only=read_only, mode=mode),
+            options=transaction_options(isolation, read_only, mode),
         )
 
     def status(self) -> Status:
@@ -476,26 +487,21 @@ class Connection:
         s = self._s()
         if s.revoked is not None:
             return
-        s.killed = True
-        s.revoke(f"pool {s.pool.name!r}: connection #{s.actor.index} was killed by its holder")
-        s.actor.send(Kill("kill() called by the holder", s.generation))
+        s.kill(
+            f"pool {s.pool.name!r}: connection #{s.actor.index} was killed by its holder",
+            "kill() called by the holder",
+        )
 
     def adjust_timeout(self, seconds: float) -> None:
         """Move this lease's hold deadline by ``seconds`` (may be negative). Without a deadline
         (no ``hold_timeout``), one is set ``seconds`` from now."""
         s = self._s()
-        now = trio.current_time()
-        base = s.hold_deadline if s.hold_deadline != math.inf else now
-        s.hold_deadline = base + seconds
-        s.guarded = True
-        s.actor.poke(s.hold_deadline)
+        base = s.hold_deadline if s.hold_deadline != math.inf else trio.current_time()
+        s.set_hold_deadline(base + seconds)
 
     def reset_timeout(self, seconds: float) -> None:
         """Set this lease's hold deadline to ``seconds`` from now."""
-        s = self._s()
-        s.hold_deadline = trio.current_time() + seconds
-        s.guarded = True
-        s.actor.poke(s.hold_deadline)
+        self._s().set_hold_deadline(trio.current_time() + seconds)
 
 
 class Transaction(Connection):
@@ -602,11 +608,10 @@ class Stream:
         if cursor is None:
             await trio.lowlevel.checkpoint()
             return
+        s.streams.discard(self)
         if not s.active or s.revoked is not None:
-            s.streams.discard(self)
             await trio.lowlevel.checkpoint()
             return
-        s.streams.discard(self)
         try:
             await s.call("stream", cursor.close, check_failed=False)
         except BaseException:
@@ -671,6 +676,16 @@ class RunBlock:
 _NO_OPTIONS = drv.TransactionOptions()
 
 
+def transaction_options(
+    isolation: str | None, read_only: bool, mode: str | None
+) -> drv.TransactionOptions:
+    """The options for BEGIN; the shared default instance when nothing is asked for (no
+    allocation on the common path, and nested blocks compare against it)."""
+    if isolation is None and not read_only and mode is None:
+        return _NO_OPTIONS
+    return drv.TransactionOptions(isolation=isolation, read_only=read_only, mode=mode)
+
+
 class TransactionBlock:
     """``async with pool.transaction() as tx`` (or ``conn.transaction()``): BEGIN/COMMIT, or a
     nested flat block, or a savepoint, depending on what the task already holds."""
@@ -702,7 +717,7 @@ class TransactionBlock:
 
     async def __aenter__(self) -> Transaction:
         pool = self._pool
-        if self._scope is not None or self._entered:
+        if self._entered:
             raise PoolError("a transaction block can be entered only once; call "
                             "transaction() again for a new block", pool=pool.name)
         self._entered = True

@@ -24,8 +24,8 @@ import trio
 
 from actors.actor import Actor, ActorConfig
 from actors.driver import Connection as DriverConnection
-from actors.driver import Driver, Params, Row, TransactionOptions, redact
-from actors.messages import Disconnect, Kill
+from actors.driver import Driver, Params, Row, redact
+from actors.messages import Checkin, Disconnect
 from supervisor.backoff import Backoff
 from supervisor.errors import (
     CheckoutTimeout,
@@ -36,12 +36,12 @@ from supervisor.errors import (
     SerializationFailure,
 )
 from supervisor.handles import (
-    _NO_OPTIONS,
     Connection,
     RunBlock,
     Session,
     TransactionBlock,
     one_shot,
+    transaction_options,
 )
 from supervisor.limits import SafetyLimits
 from supervisor.log import LogEntry, LogHook, emit
@@ -198,12 +198,12 @@ class Pool:
         (SQLite: ``"deferred"``, ``"immediate"``, ``"exclusive"``) apply to the outermost block.
         """
         _check_timeout(self, timeout)
-        if isolation is None and not read_only and mode is None:
-            options = _NO_OPTIONS
-        else:
-            options = TransactionOptions(isolation=isolation, read_only=read_only, mode=mode)
         return TransactionBlock(
-            self, savepoint=savepoint, options=options, timeout=timeout, queue=queue
+            self,
+            savepoint=savepoint,
+            options=transaction_options(isolation, read_only, mode),
+            timeout=timeout,
+            queue=queue,
         )
 
     async def run_transaction(
@@ -430,20 +430,17 @@ class Pool:
             # The block ended while another task is still inside a call on its handle: the
             # connection is mid-call and must not be lent again. The actor takes it back
             # (the straggler gets ConnectionLost) and connects a fresh one.
-            session.killed = True
-            session.revoke(
+            session.kill(
                 f"pool {self.name!r}: the block holding connection #{actor.index} ended while "
-                f"task {session.op_task.name!r} was still running a call on it"
+                f"task {session.op_task.name!r} was still running a call on it",
+                "block ended with a call in flight",
             )
-            actor.send(Kill("block ended with a call in flight", session.generation))
             return
         actor.lease = None
         if session.clean():
             self.ready(actor)
         else:
             actor.state = "maintenance"
-            from actors.messages import Checkin
-
             actor.send(Checkin(session))
 
     # -- Host protocol (called by actors) -------------------------------------------------------
