@@ -14,8 +14,17 @@ for what must not run in a client's task:
 * replacing a connection that failed a ping, outlived ``max_lifetime`` or was asked to go by
   ``disconnect_all``.
 
-Everything the pool needs from an actor goes through the :class:`Host` protocol, so this module
-knows nothing of pools (the direction of imports is ``supervisor`` -> ``actors``).
+Everything the actor needs from the pool goes through the :class:`Host` protocol, so this module
+knows nothing of pools (the direction of imports is ``supervisor`` -> ``actors``). Everything
+other tasks need from the actor is a synchronous method of :class:`Actor` (never a message built
+by the caller):
+
+* ``lend`` / ``mark_idle`` / ``withdraw`` / ``release``: the lender moves the actor between the
+  idle set and a client. These are the only writes of ``state`` from outside the actor's task,
+  and each checks the state it leaves (HikariCP's rule: a transition from an unexpected state
+  is a bug and raises, instead of silently lending one connection twice);
+* ``checkin`` (a dirty lease came back), ``kill`` and ``replace_at``: post to the inbox;
+* ``poke``: wake the actor earlier (a hold deadline moved).
 """
 
 from __future__ import annotations
@@ -24,18 +33,22 @@ import math
 import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NoReturn, Protocol, final
 
 import trio
 
 from actors.driver import Connection, Driver
+from actors.lease import Lease
 from actors.messages import Checkin, Disconnect, Kill, Message
 
-__all__ = ["Actor", "ActorConfig", "ActorGaveUp", "ActorState", "Host", "Lease", "restore_idle"]
+__all__ = ["Actor", "ActorConfig", "ActorGaveUp", "ActorState", "Host", "restore_idle"]
 
 ActorState = Literal["connecting", "backoff", "idle", "busy", "maintenance", "stopped"]
 """``idle``: in the pool's idle set. ``busy``: lent to a client. ``maintenance``: being pinged
-or recovered. ``connecting`` / ``backoff``: no connection yet."""
+or recovered, or just given back. ``connecting`` / ``backoff``: no connection yet."""
+
+_LENDABLE: tuple[ActorState, ...] = ("idle", "connecting", "maintenance")
+_READYING: tuple[ActorState, ...] = ("connecting", "maintenance")
 
 
 class ActorGaveUp(Exception):
@@ -95,69 +108,7 @@ class ActorConfig:
     rng: random.Random = field(default_factory=random.Random)
 
 
-class Lease:
-    """One client's hold on one actor's connection, from checkout to return.
-
-    The flags say how the lease ended, which decides whether the connection can go straight back
-    to the idle set or needs the actor: ``interrupted`` (a call was cancelled or timed out midway:
-    protocol state unknown), ``broken`` (the driver said the connection is dead), ``revoked``
-    (the actor took the connection back: hold deadline, kill, shutdown).
-    """
-
-    __slots__ = (
-        "_op_done",
-        "active",
-        "actor",
-        "broken",
-        "conn",
-        "generation",
-        "hold_deadline",
-        "interrupted",
-        "killed",
-        "op_scope",
-        "op_task",
-        "revoked",
-    )
-
-    def __init__(self, actor: Actor, conn: Connection, generation: int) -> None:
-        self.actor = actor
-        self.conn = conn
-        self.generation = generation
-        self.active = True
-        self.revoked: str | None = None
-        self.killed = False
-        self.interrupted = False
-        self.broken = False
-        self.op_task: trio.lowlevel.Task | None = None
-        self.op_scope: trio.CancelScope | None = None
-        self._op_done: trio.Event | None = None
-        self.hold_deadline = math.inf
-
-    def revoke(self, reason: str) -> None:
-        """Take the connection away from the holder: its in-flight call (if any) is cancelled
-        and every later call raises ``ConnectionLost`` with ``reason``."""
-        if self.revoked is None:
-            self.revoked = reason
-        if self.op_scope is not None:
-            self.op_scope.cancel()
-
-    def op_finished(self) -> None:
-        """Called by the holder's task when a call on the connection returns."""
-        self.op_task = None
-        self.op_scope = None
-        if self._op_done is not None:
-            self._op_done.set()
-            self._op_done = None
-
-    async def wait_op_finished(self, timeout: float) -> None:
-        """Wait (bounded) until no call of the holder is in flight on the connection."""
-        if self.op_task is None:
-            return
-        self._op_done = done = trio.Event()
-        with trio.move_on_after(timeout):
-            await done.wait()
-
-
+@final
 class Actor:
     """The task that owns one connection slot (``index``) of a pool. See the module docstring.
 
@@ -176,8 +127,8 @@ class Actor:
         self.idle_since = 0.0
         self.connected_at = 0.0
         self.expires_at = math.inf
-        self.replace_at = math.inf
-        self.retire = False
+        self._replace_at = math.inf
+        self._retire = False
         self.exiting = False
         self.checked_at = 0.0
         self._sleep: trio.CancelScope | None = None
@@ -188,21 +139,72 @@ class Actor:
     def __repr__(self) -> str:
         return f"<Actor {self.host.name}#{self.index} {self.state} gen={self.generation}>"
 
+    @property
+    def retiring(self) -> bool:
+        """The connection is due for replacement: it must not go back to the idle set."""
+        return self._retire
+
     # -- called from other tasks (all synchronous, never block) --------------------------------
 
-    def send(self, message: Message) -> None:
-        """Put a message on the actor's inbox."""
-        self._send.send_nowait(message)
+    def _bad_transition(self, allowed: tuple[ActorState, ...], to: ActorState) -> NoReturn:
+        raise RuntimeError(
+            f"{self!r}: cannot become {to!r} from {self.state!r} (expected one of "
+            f"{', '.join(allowed)}); this is a bug in the pool"
+        )
+
+    # The transitions on the hot path test the state inline (no helper call): they run twice
+    # per checkout.
+
+    def lend(self, lease: Lease) -> None:
+        """``lease`` now holds the connection (checkout, or a hand-over to a waiter)."""
+        if self.state not in _LENDABLE:
+            self._bad_transition(_LENDABLE, "busy")
+        self.state = "busy"
+        self.lease = lease
+
+    def mark_idle(self, now: float) -> None:
+        """The connection is in the idle set from ``now`` on."""
+        if self.state not in _READYING:
+            self._bad_transition(_READYING, "idle")
+        self.state = "idle"
+        self.idle_since = now
+
+    def withdraw(self) -> bool:
+        """Leave the idle set for maintenance; False if the actor was not idle."""
+        if self.state != "idle":
+            return False
+        self.state = "maintenance"
+        return True
+
+    def release(self, lease: Lease) -> None:
+        """``lease`` came back clean: the lender places the connection next (idle or a waiter)."""
+        if self.state != "busy":
+            self._bad_transition(("busy",), "maintenance")
+        self.state = "maintenance"
+        if self.lease is lease:
+            self.lease = None
+
+    def checkin(self, lease: Lease) -> None:
+        """``lease`` came back dirty: recover (or replace) the connection in the actor's task."""
+        if self.state != "busy":
+            self._bad_transition(("busy",), "maintenance")
+        self.state = "maintenance"
+        if self.lease is lease:
+            self.lease = None
+        self._send.send_nowait(Checkin(lease))
+
+    def kill(self, why: str, generation: int) -> None:
+        """Close the connection of ``generation`` now (revoking its lease) and reconnect."""
+        self._send.send_nowait(Kill(why, generation))
+
+    def replace_at(self, at: float) -> None:
+        """Replace the connection at time ``at``: then if idle, else when its holder returns it."""
+        self._send.send_nowait(Disconnect(at))
 
     def poke(self, deadline: float) -> None:
         """Make the actor wake by ``deadline`` (a hold deadline was set or moved earlier)."""
         if self._sleep is not None and deadline < self._sleep.deadline:
             self._sleep.deadline = deadline
-
-    def lend(self, lease: Lease) -> None:
-        """Record that ``lease`` now holds the connection (the pool calls this at checkout)."""
-        self.lease = lease
-        self.state = "busy"
 
     # -- the task -------------------------------------------------------------------------------
 
@@ -258,8 +260,8 @@ class Actor:
             self.conn = conn
             self.generation += 1
             self.connected_at = now
-            self.retire = False
-            self.replace_at = math.inf
+            self._retire = False
+            self._replace_at = math.inf
             if config.max_lifetime is None:
                 self.expires_at = math.inf
             else:
@@ -292,7 +294,7 @@ class Actor:
         config = self.config
         if self.state == "idle":
             ping_at = max(self.idle_since, self.checked_at) + config.idle_interval
-            deadline = min(ping_at, self.expires_at, self.replace_at)
+            deadline = min(ping_at, self.expires_at, self._replace_at)
             if config.max_idle is not None and self.host.can_shrink(self):
                 deadline = min(deadline, self.idle_since + config.max_idle)
             return deadline
@@ -305,8 +307,8 @@ class Actor:
         deadline = now + period
         if self.lease is not None:
             deadline = min(deadline, self.lease.hold_deadline)
-        if not self.retire:
-            deadline = min(deadline, self.expires_at, self.replace_at)
+        if not self._retire:
+            deadline = min(deadline, self.expires_at, self._replace_at)
         return deadline
 
     async def _on_timer(self) -> str:
@@ -335,14 +337,14 @@ class Actor:
         if lease is not None and now >= lease.hold_deadline:
             return await self._revoke(lease, "held longer than its hold deadline (hold_timeout)")
         if self._due(now):
-            self.retire = True
+            self._retire = True
         return "stay"
 
     def _due(self, now: float | None = None) -> bool:
         """The connection outlived ``max_lifetime`` or ``disconnect_all`` asked for it."""
         if now is None:
             now = trio.current_time()
-        return now >= self.expires_at or now >= self.replace_at
+        return now >= self.expires_at or now >= self._replace_at
 
     async def _ping(self) -> str:
         self.state = "maintenance"
@@ -393,7 +395,7 @@ class Actor:
                 return "stay"
             return "reconnect"
         if isinstance(message, Disconnect):
-            self.replace_at = min(self.replace_at, message.at)
+            self._replace_at = min(self._replace_at, message.at)
             return "stay"
         raise TypeError(f"unknown message {message!r}")  # pragma: no cover
 
@@ -402,7 +404,7 @@ class Actor:
         self.state = "maintenance"
         if self.lease is lease:
             self.lease = None
-        if lease.broken or lease.revoked is not None or self.retire or self._due():
+        if lease.broken or lease.revoked is not None or self._retire or self._due():
             self._why = "lost" if lease.broken else "replaced (max_lifetime or disconnect_all)"
             return "reconnect"
         conn = self.conn

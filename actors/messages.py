@@ -1,6 +1,7 @@
-"""Messages on an actor's inbox.
+"""Messages on an actor's inbox. Only :mod:`actors.actor` builds them: other tasks call the
+actor's methods (``checkin``, ``kill``, ``replace_at``), which post these.
 
-The hot path (a clean lease coming back) sends no message: the pool puts the actor straight back
+The hot path (a clean lease coming back) sends no message: the lender puts the actor straight back
 in the idle set. Messages are for the work that needs the actor's own task: recovering a dirty
 connection, killing one, replacing one later.
 """
@@ -8,10 +9,8 @@ connection, killing one, replacing one later.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from actors.actor import Lease
+from actors.lease import Lease
 
 __all__ = ["Checkin", "Disconnect", "Kill", "Message"]
 

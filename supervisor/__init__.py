@@ -26,7 +26,7 @@ from supervisor.errors import (
 from supervisor.handles import Connection, PreparedStatement, Stream, Transaction
 from supervisor.limits import SafetyLimits
 from supervisor.log import LogEntry
-from supervisor.pool import Pool, PoolStatistics, open_pool
+from supervisor.pool import Pool, PoolContext, PoolStatistics, open_pool
 
 __all__ = [
     "Backoff",
@@ -39,6 +39,7 @@ __all__ = [
     "LogEntry",
     "Pool",
     "PoolClosed",
+    "PoolContext",
     "PoolError",
     "PoolStatistics",
     "PreparedStatement",

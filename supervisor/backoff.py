@@ -7,13 +7,13 @@ worked and then dropped reconnects at once and only repeated failures back off.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 from supervisor.errors import ConfigError
+from supervisor.validate import check_number
 
 __all__ = ["Backoff", "BackoffKind"]
 
@@ -42,14 +42,7 @@ class Backoff:
         if self.kind not in _KINDS:
             raise ConfigError(f"backoff kind must be one of {', '.join(_KINDS)}, not {self.kind!r}")
         for field in ("min", "max"):
-            value = getattr(self, field)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                raise ConfigError(f"backoff {field} must be a finite number >= 0, not {value!r}")
+            check_number(f"backoff {field}", getattr(self, field), zero=True, finite=True)
         if self.min > self.max:
             raise ConfigError(f"backoff min ({self.min}) must not exceed max ({self.max})")
 

@@ -1,337 +1,54 @@
-"""Connection and Transaction handles: what a client holds inside ``async with``.
+"""Connection and Transaction handles, what a client holds inside ``async with``, and the
+blocks that lend them.
 
-A handle is a thin view on a :class:`Session` (the lease plus its transaction state). Every
-database call goes through :meth:`Session.call`, which is where the rules live:
-
-* a handle is usable only inside its block (``PoolError`` after), by one task at a time
-  (``PoolError`` when two tasks overlap: protocol messages are never interleaved);
-* a revoked lease (hold deadline, ``kill()``, shutdown) raises ``ConnectionLost``;
-* a failed transaction raises ``TransactionFailed`` without touching the database;
-* a call cancelled midway marks the lease *interrupted*: nothing more is sent by the client; the
-  actor cancels and drains it in its own task once the lease is returned (or, if the client
-  caught the cancellation and goes on, the next call recovers first, bounded);
-* driver errors become ``QueryError`` (and subclasses) or ``ConnectionLost``, naming the pool.
+A handle is a thin view on a :class:`~supervisor.session.Session` (the lease plus its
+transaction state); every database call goes through ``Session.call``, where the rules live. A
+handle is usable only inside its block (``PoolError`` after). The blocks (:class:`RunBlock`,
+:class:`TransactionBlock`) and the handles live in one module because they are made of each
+other: a block lends a handle, and a handle opens nested blocks (``conn.transaction()``).
 
 Transactions follow DBConnection's flat rule by default (a nested block issues no SQL and
 poisons the whole transaction if it fails) and crystal-db's savepoints on request.
+
+The blocks talk to the :class:`~supervisor.lender.Lender` only (checkout, checkin, the task's
+held session), never to the pool; their entry and exit are KeyboardInterrupt-protected, so a
+Ctrl-C cannot fall between getting a lease and owning it.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar, final
 
 import trio
 
 from actors import driver as drv
-from actors.actor import Actor, Lease, restore_idle
-from actors.messages import Kill
 from supervisor.errors import (
     CardinalityError,
     ConfigError,
     ConnectionLost,
-    IntegrityError,
     PoolError,
-    QueryError,
-    QueryTimeout,
     Rollback,
-    SerializationFailure,
     TransactionFailed,
 )
-from supervisor.log import LogEntry, emit
+from supervisor.lender import Lender
+from supervisor.session import Session, TxScope, short
 
-if TYPE_CHECKING:
-    from supervisor.pool import Pool
-
-__all__ = ["Connection", "PreparedStatement", "Stream", "Transaction"]
+__all__ = [
+    "Connection",
+    "PreparedStatement",
+    "RunBlock",
+    "Stream",
+    "Transaction",
+    "TransactionBlock",
+    "one_shot",
+    "transaction_options",
+]
 
 T = TypeVar("T")
 Status = Literal["idle", "transaction", "error"]
-_SERIALIZATION_STATES = frozenset({"40001", "40P01"})
-
-
-def _short(query: str, limit: int = 200) -> str:
-    query = " ".join(query.split())
-    return query if len(query) <= limit else query[: limit - 3] + "..."
-
-
-class _TxScope:
-    """One transaction level that can fail on its own: the outermost transaction or a savepoint.
-    Flat nested blocks share the scope of the level they are nested in."""
-
-    __slots__ = ("failed", "reason", "savepoint")
-
-    def __init__(self, savepoint: str | None) -> None:
-        self.savepoint = savepoint
-        self.failed = False
-        self.reason = ""
-
-    def fail(self, reason: str) -> None:
-        if not self.failed:
-            self.failed = True
-            self.reason = reason
-
-
-class Session(Lease):
-    """A lease as the pool sees it: owner task, transaction scopes, open streams."""
-
-    __slots__ = (
-        "checkout_wait",
-        "guarded",
-        "needs_reset",
-        "pool",
-        "savepoints",
-        "scopes",
-        "streams",
-        "task",
-    )
-
-    def __init__(
-        self, pool: Pool, actor: Actor, conn: drv.Connection, generation: int,
-        task: trio.lowlevel.Task | None,
-    ) -> None:
-        super().__init__(actor, conn, generation)
-        self.pool = pool
-        self.task = task
-        self.scopes: list[_TxScope] = []
-        self.savepoints = 0
-        self.streams: set[Stream] = set()
-        self.needs_reset = False
-        self.checkout_wait = 0.0
-        # Calls run under their own cancel scope only when a deadline may cut them short.
-        limits = pool.limits
-        self.guarded = limits.hold_timeout is not None or limits.query_timeout is not None
-
-    # -- state checks ----------------------------------------------------------------------
-
-    def clean(self) -> bool:
-        """Whether the connection can go straight back to the idle set (no actor work)."""
-        return not (
-            self.interrupted
-            or self.broken
-            or self.needs_reset
-            or self.streams
-            or self.killed
-            or self.actor.retire
-            or self.conn.status() != "idle"
-        )
-
-    def _lost(self, why: str | None = None) -> ConnectionLost:
-        reason = self.revoked or why or "the connection was lost"
-        return ConnectionLost(reason, pool=self.pool.name)
-
-    def _enter(self) -> None:
-        """Checks before any call: revoked, concurrent use."""
-        if self.revoked is not None:
-            raise self._lost()
-        if self.op_task is not None:
-            raise PoolError(
-                "a connection handle was used by two tasks at once "
-                f"(task {self.op_task.name!r} is running a call on it); give each task its own "
-                "handle (pool.run() in that task)",
-                pool=self.pool.name,
-            )
-
-    def fail_all(self, reason: str) -> None:
-        for scope in self.scopes:
-            scope.fail(reason)
-
-    def kill(self, reason: str, why: str) -> None:
-        """Take the connection away for good: revoke the lease (later calls, and a call in
-        flight, get ``ConnectionLost`` with ``reason``) and have the actor replace it."""
-        self.killed = True
-        self.revoke(reason)
-        self.actor.send(Kill(why, self.generation))
-
-    def set_hold_deadline(self, deadline: float) -> None:
-        """Move the hold deadline; calls now run under a cancel scope so it can be enforced."""
-        self.hold_deadline = deadline
-        self.guarded = True
-        self.actor.poke(deadline)
-
-    # -- the one place where client I/O happens ------------------------------------------------
-
-    async def call(
-        self,
-        name: str,
-        fn: Callable[..., Awaitable[T]],
-        *args: Any,
-        query: str | None = None,
-        params: drv.Params = None,
-        check_failed: bool = True,
-        oneshot: bool = False,
-    ) -> T:
-        """Run one driver call in the caller's task, with every rule of the module docstring."""
-        self._enter()
-        if check_failed and self.scopes and self.scopes[-1].failed:
-            await trio.lowlevel.checkpoint()
-            raise TransactionFailed(
-                f"transaction is failed ({self.scopes[-1].reason}); it can only be rolled back; "
-                f"refusing to run {name}" + (f": {_short(query)}" if query else ""),
-                pool=self.pool.name,
-            )
-        pool = self.pool
-        self.op_task = trio.lowlevel.current_task()
-        started = time.perf_counter() if pool.log_hook is not None else 0.0
-        error: BaseException | None = None
-        result: Any = None
-        try:
-            if self.interrupted or self.needs_reset:
-                # Inside the guarded region: another task cannot start a call meanwhile.
-                await self.recover_inline()
-            if not self.guarded:
-                # Hot path: no deadline can fire during this call. A revocation (shutdown) then
-                # relies on the driver's kill-safe close(), which fails the call promptly.
-                result = await fn(*args)
-                return result  # type: ignore[no-any-return]
-            with trio.CancelScope() as scope:
-                self.op_scope = scope
-                timeout = pool.limits.query_timeout
-                if timeout is not None:
-                    scope.deadline = trio.current_time() + timeout
-                result = await fn(*args)
-            if scope.cancelled_caught:
-                # Our own scope was cancelled: revocation, or the query timeout.
-                self.interrupted = True
-                self.fail_all(f"{name} was interrupted")
-                if self.revoked is not None:
-                    raise self._lost()
-                pool.stats_query_timeouts += 1
-                raise QueryTimeout(
-                    f"{name} took longer than query_timeout={timeout}s and was "
-                    "cancelled" + (f": {_short(query)}" if query else ""),
-                    pool=pool.name,
-                )
-            return result  # type: ignore[no-any-return]
-        except trio.Cancelled as exc:
-            self.interrupted = True
-            self.fail_all(f"{name} was cancelled")
-            error = exc
-            raise
-        except drv.ConnectionLost as exc:
-            error = exc
-            if isinstance(exc, ConnectionLost):
-                raise
-            self.broken = True
-            if self.revoked is not None:
-                raise self._lost() from exc
-            self.fail_all("the connection was lost")
-            raise self._lost(
-                pool.scrub(f"connection lost during {name}: {exc}")
-            ) from exc
-        except drv.DatabaseError as exc:
-            error = _query_error(pool, exc, query)
-            if self.scopes and self.conn.status() == "idle":
-                # The database ended the transaction by itself (SQLite does, for some errors):
-                # later statements would autocommit. Nothing more may run in this transaction.
-                self.fail_all("the database rolled the transaction back after an error")
-            raise error from (exc.__cause__ or exc)
-        except (ValueError, TypeError) as exc:
-            if self.conn.status() == "unknown":
-                error = exc
-                self.broken = True
-                self.fail_all(f"{name} failed unexpectedly")
-                raise
-            # Refused before any I/O (a bad isolation level, mode or parameter): the
-            # connection is untouched and stays usable.
-            error = ConfigError(pool.scrub(f"{name} refused its arguments: {exc}"),
-                                pool=pool.name)
-            raise error from exc
-        except BaseException as exc:
-            error = exc
-            if not isinstance(exc, PoolError):
-                # Unknown failure inside the driver: protocol state unknown, replace the connection.
-                self.broken = True
-                self.fail_all(f"{name} failed unexpectedly")
-            raise
-        finally:
-            self.op_finished()
-            if pool.log_hook is not None:
-                emit(
-                    pool.log_hook,
-                    LogEntry(
-                        pool=pool.name,
-                        call=name,
-                        connection=self.actor.index,
-                        query=query,
-                        params=pool.log_params_of(params),
-                        pool_time=self.checkout_wait if oneshot else None,
-                        connection_time=time.perf_counter() - started,
-                        result=_result_size(result) if error is None else None,
-                        error=pool.safe_error(error),
-                    ),
-                )
-
-    async def recover_inline(self) -> None:
-        """The client caught a cancellation (or a query timeout) and goes on using the lease:
-        cancel and drain what was interrupted, roll back what was open, bounded; the transaction,
-        if any, is failed."""
-        self.fail_all("an interrupted call forced a rollback")
-        try:
-            clean = await restore_idle(
-                self.conn, interrupted=self.interrupted, timeout=self.pool.limits.cleanup_timeout
-            )
-        except drv.ConnectionLost as exc:
-            self.broken = True
-            raise self._lost(self.pool.scrub(f"recovery after an interrupted call: {exc}")) from exc
-        if not clean:
-            self.broken = True
-            raise self._lost("the connection could not be recovered after an interrupted call")
-        self.interrupted = False
-        self.needs_reset = False
-
-    async def cleanup(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
-        """A rollback on an exception exit path, bounded by ``cleanup_timeout``.
-
-        Deliberately not shielded: if a cancellation arrives now, the call is interrupted, the
-        lease is marked dirty and the actor finishes the rollback in its own task, so the
-        cancelled client is never delayed by recovery and the connection is never handed out
-        with the transaction open. Failures mark the lease dirty instead of masking the
-        exception being handled."""
-        if self.revoked is not None or self.broken:
-            return
-        if (
-            self.interrupted
-            or self.op_task is not None
-            or trio.current_effective_deadline() == -math.inf
-        ):
-            # Interrupted, or our task is already cancelled (the I/O would only raise
-            # Cancelled and mask the exception being handled): the actor rolls back.
-            self.needs_reset = True
-            return
-        with trio.move_on_after(self.pool.limits.cleanup_timeout) as scope:
-            try:
-                await self.call(name, fn, check_failed=False)
-            except PoolError:
-                self.needs_reset = True
-        if scope.cancelled_caught:
-            self.needs_reset = True
-
-
-def _result_size(result: Any) -> Any:
-    if isinstance(result, list):
-        return len(result)
-    if isinstance(result, int):
-        return result
-    return None
-
-
-def _query_error(pool: Pool, exc: drv.DatabaseError, query: str | None) -> QueryError:
-    sqlstate = exc.sqlstate
-    cls: type[QueryError] = QueryError
-    if exc.kind == "integrity" or (sqlstate is not None and sqlstate.startswith("23")):
-        cls = IntegrityError
-    elif exc.kind == "serialization" or sqlstate in _SERIALIZATION_STATES:
-        cls = SerializationFailure
-    text = exc.message
-    if sqlstate:
-        text += f" (SQLSTATE {sqlstate})"
-    if query:
-        text += f" in query: {_short(query)}"
-    return cls(pool.scrub(text), pool=pool.name, sqlstate=sqlstate, query=query)
 
 
 # -- handles -------------------------------------------------------------------------------------
@@ -354,7 +71,7 @@ class Connection:
     def __repr__(self) -> str:
         state = "closed" if self._closed else self.status()
         return (
-            f"<{type(self).__name__} pool={self._session.pool.name!r} "
+            f"<{type(self).__name__} pool={self._session.reporter.name!r} "
             f"connection=#{self._session.actor.index} {state}>"
         )
 
@@ -362,7 +79,7 @@ class Connection:
         if self._closed:
             raise PoolError(
                 f"{type(self).__name__.lower()} handle used after its `async with` block ended",
-                pool=self._session.pool.name,
+                pool=self._session.reporter.name,
             )
         return self._session
 
@@ -395,8 +112,8 @@ class Connection:
             return None
         expected = "at most one row" if optional else "exactly one row"
         raise CardinalityError(
-            f"{call} expected {expected}, got {len(rows)}, from query: {_short(query)}",
-            pool=s.pool.name,
+            f"{call} expected {expected}, got {len(rows)}, from query: {short(query)}",
+            pool=s.reporter.name,
             query=query,
             expected=expected,
             actual=len(rows),
@@ -421,8 +138,8 @@ class Connection:
             return None
         if not row:
             raise CardinalityError(
-                f"fetch_val expected at least one column, got none, from query: {_short(query)}",
-                pool=self._session.pool.name, query=query, expected="one column", actual=0,
+                f"fetch_val expected at least one column, got none, from query: {short(query)}",
+                pool=self._session.reporter.name, query=query, expected="one column", actual=0,
             )
         return row[0]
 
@@ -445,7 +162,7 @@ class Connection:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(
                 f"stream batch_size must be a positive integer, not {batch_size!r}",
-                pool=s.pool.name,
+                pool=s.reporter.name,
             )
         return Stream(self, query, params, batch_size)
 
@@ -468,7 +185,7 @@ class Connection:
         default, a savepoint with ``savepoint=True``)."""
         s = self._s()
         return TransactionBlock(
-            s.pool, session=s, savepoint=savepoint,
+            None, session=s, savepoint=savepoint,
             options=transaction_options(isolation, read_only, mode),
         )
 
@@ -488,7 +205,7 @@ class Connection:
         if s.revoked is not None:
             return
         s.kill(
-            f"pool {s.pool.name!r}: connection #{s.actor.index} was killed by its holder",
+            f"pool {s.reporter.name!r}: connection #{s.actor.index} was killed by its holder",
             "kill() called by the holder",
         )
 
@@ -504,6 +221,7 @@ class Connection:
         self._s().set_hold_deadline(trio.current_time() + seconds)
 
 
+@final
 class Transaction(Connection):
     """A :class:`Connection` inside a transaction block.
 
@@ -526,6 +244,7 @@ class Transaction(Connection):
         raise Rollback(reason, target=self)
 
 
+@final
 class PreparedStatement:
     """A statement prepared on one connection, run with new parameters each time."""
 
@@ -536,7 +255,7 @@ class PreparedStatement:
         self.query = query
 
     def __repr__(self) -> str:
-        return f"<PreparedStatement {_short(self.query, 60)!r}>"
+        return f"<PreparedStatement {short(self.query, 60)!r}>"
 
     async def execute(self, params: drv.Params = None) -> int:
         """Run it; return the rows affected."""
@@ -559,6 +278,7 @@ class PreparedStatement:
         return await self._conn.fetch_column(self.query, params)
 
 
+@final
 class Stream:
     """Rows of a large result, fetched in batches. An async iterator and an async context
     manager (``async with conn.stream(q) as rows: async for row in rows``)."""
@@ -633,33 +353,36 @@ class Stream:
 # -- blocks --------------------------------------------------------------------------------------
 
 
+@final
 class RunBlock:
     """``async with pool.run() as conn``: lock a connection (or reuse the task's own)."""
 
-    __slots__ = ("_handle", "_owner", "_pool", "_queue", "_timeout")
+    __slots__ = ("_handle", "_lender", "_owner", "_queue", "_timeout")
 
-    def __init__(self, pool: Pool, timeout: float | None, queue: bool) -> None:
-        self._pool = pool
+    def __init__(self, lender: Lender, timeout: float | None, queue: bool) -> None:
+        self._lender = lender
         self._timeout = timeout
         self._queue = queue
         self._handle: Connection | None = None
         self._owner = False
 
+    @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> Connection:
         if self._handle is not None:
             raise PoolError("a pool.run() block can be entered only once; call pool.run() "
-                            "again for a new block", pool=self._pool.name)
-        pool = self._pool
+                            "again for a new block", pool=self._lender.name)
+        lender = self._lender
         task = trio.lowlevel.current_task()
-        session = pool._holders.get(task)
+        session = lender.holders.get(task)
         if session is None:
-            session = await pool._checkout(self._timeout, self._queue, task)
+            session = await lender.checkout(self._timeout, self._queue, task)
             self._owner = True
         else:
             await trio.lowlevel.checkpoint()
         self._handle = handle = Connection(session)
         return handle
 
+    @trio.lowlevel.enable_ki_protection
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -670,7 +393,7 @@ class RunBlock:
         assert handle is not None
         handle._closed = True
         if self._owner:
-            self._pool._checkin(handle._session)
+            self._lender.checkin(handle._session)
 
 
 _NO_OPTIONS = drv.TransactionOptions()
@@ -686,16 +409,17 @@ def transaction_options(
     return drv.TransactionOptions(isolation=isolation, read_only=read_only, mode=mode)
 
 
+@final
 class TransactionBlock:
     """``async with pool.transaction() as tx`` (or ``conn.transaction()``): BEGIN/COMMIT, or a
     nested flat block, or a savepoint, depending on what the task already holds."""
 
-    __slots__ = ("_entered", "_kind", "_options", "_owner", "_pool", "_queue", "_savepoint",
+    __slots__ = ("_entered", "_kind", "_lender", "_options", "_owner", "_queue", "_savepoint",
                  "_scope", "_session", "_timeout", "_tx")
 
     def __init__(
         self,
-        pool: Pool,
+        lender: Lender | None,
         *,
         session: Session | None = None,
         savepoint: bool = False,
@@ -703,7 +427,7 @@ class TransactionBlock:
         timeout: float | None = None,
         queue: bool = True,
     ) -> None:
-        self._pool = pool
+        self._lender = lender
         self._session = session
         self._savepoint = savepoint
         self._options = options
@@ -712,22 +436,30 @@ class TransactionBlock:
         self._owner = False
         self._entered = False
         self._kind: Literal["outer", "flat", "savepoint"] = "outer"
-        self._scope: _TxScope | None = None
+        self._scope: TxScope | None = None
         self._tx: Transaction | None = None
 
+    def _pool_name(self) -> str:
+        if self._session is not None:
+            return self._session.reporter.name
+        assert self._lender is not None
+        return self._lender.name
+
+    @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> Transaction:
-        pool = self._pool
         if self._entered:
             raise PoolError("a transaction block can be entered only once; call "
-                            "transaction() again for a new block", pool=pool.name)
+                            "transaction() again for a new block", pool=self._pool_name())
         self._entered = True
         session = self._session
+        lender = self._lender
         if session is None:
-            session = pool._holders.get(trio.lowlevel.current_task())
-        if session is None:
-            # BEGIN follows at once and is a checkpoint: no extra scheduler pass needed.
-            session = await pool._checkout(self._timeout, self._queue, schedule=False)
-            self._owner = True
+            assert lender is not None  # a block made by the pool; handles pass their session
+            session = lender.holders.get(trio.lowlevel.current_task())
+            if session is None:
+                # BEGIN follows at once and is a checkpoint: no extra scheduler pass needed.
+                session = await lender.checkout(self._timeout, self._queue, schedule=False)
+                self._owner = True
         self._session = session
         try:
             if session.scopes:
@@ -735,14 +467,14 @@ class TransactionBlock:
                     raise ConfigError(
                         "isolation, read_only and mode apply to the outermost transaction only; "
                         "this block is nested in an open transaction",
-                        pool=pool.name,
+                        pool=session.reporter.name,
                     )
                 current = session.scopes[-1]
                 if current.failed:
                     await trio.lowlevel.checkpoint()
                     raise TransactionFailed(
                         f"cannot open a nested block: the transaction is failed ({current.reason})",
-                        pool=pool.name,
+                        pool=session.reporter.name,
                     )
                 if self._savepoint:
                     session.savepoints += 1
@@ -750,7 +482,7 @@ class TransactionBlock:
                     await session.call("savepoint", session.conn.savepoint, name,
                                        check_failed=False)
                     self._kind = "savepoint"
-                    self._scope = _TxScope(name)
+                    self._scope = TxScope(name)
                     session.scopes.append(self._scope)
                 else:
                     await trio.lowlevel.checkpoint()
@@ -760,15 +492,17 @@ class TransactionBlock:
                 await session.call("begin", session.conn.begin, self._options,
                                    check_failed=False)
                 self._kind = "outer"
-                self._scope = _TxScope(None)
+                self._scope = TxScope(None)
                 session.scopes.append(self._scope)
         except BaseException:
             if self._owner:
-                pool._checkin(session)
+                assert lender is not None
+                lender.checkin(session)
             raise
         self._tx = tx = Transaction(session)
         return tx
 
+    @trio.lowlevel.enable_ki_protection
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -792,10 +526,11 @@ class TransactionBlock:
             return await self._exit_outer(tx, session, scope, exc, own_rollback)
         finally:
             if self._owner:
-                self._pool._checkin(session)
+                assert self._lender is not None
+                self._lender.checkin(session)
 
     def _exit_flat(
-        self, tx: Transaction, scope: _TxScope, exc: BaseException | None, own_rollback: bool
+        self, tx: Transaction, scope: TxScope, exc: BaseException | None, own_rollback: bool
     ) -> bool:
         if exc is None:
             tx.committed = not scope.failed
@@ -811,7 +546,7 @@ class TransactionBlock:
         self,
         tx: Transaction,
         session: Session,
-        scope: _TxScope,
+        scope: TxScope,
         exc: BaseException | None,
         own_rollback: bool,
     ) -> bool:
@@ -844,7 +579,7 @@ class TransactionBlock:
         if exc is None:
             raise TransactionFailed(
                 f"savepoint block rolled back: {scope.reason or 'the database reported an error'}",
-                pool=session.pool.name,
+                pool=session.reporter.name,
             )
         return False
 
@@ -852,7 +587,7 @@ class TransactionBlock:
         self,
         tx: Transaction,
         session: Session,
-        scope: _TxScope,
+        scope: TxScope,
         exc: BaseException | None,
         own_rollback: bool,
     ) -> bool:
@@ -886,25 +621,25 @@ class TransactionBlock:
             reason = scope.reason or f"the database reported the transaction as {status!r}"
             raise TransactionFailed(
                 f"transaction rolled back, nothing was committed: {reason}",
-                pool=session.pool.name,
+                pool=session.reporter.name,
             )
         return False
 
 
 async def one_shot(
-    pool: Pool,
+    lender: Lender,
     method: Callable[[Connection], Awaitable[T]],
     *,
     retry: bool,
 ) -> T:
     """Run one call on the task's own lease (virtual connection) or on a fresh lease; retry a
     read once on a lost connection (crystal-db's rule, only where it is safe)."""
-    session = pool._holders.get(trio.lowlevel.current_task())
+    session = lender.holders.get(trio.lowlevel.current_task())
     if session is not None:
         return await method(Connection(session))
     attempts = 2 if retry else 1
     for attempt in range(attempts):
-        session = await pool._checkout(None, True, schedule=False)
+        session = await lender.checkout(None, True, schedule=False)
         handle = Connection(session, oneshot=True)
         try:
             return await method(handle)
@@ -913,7 +648,5 @@ async def one_shot(
                 raise
         finally:
             handle._closed = True
-            pool._checkin(session)
+            lender.checkin(session)
     raise AssertionError("unreachable")  # pragma: no cover
-
-

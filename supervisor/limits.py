@@ -6,23 +6,11 @@ explicit :meth:`SafetyLimits.unlimited` for the rare program that really wants n
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from supervisor.errors import ConfigError
+from supervisor.validate import check_number
 
 __all__ = ["SafetyLimits"]
-
-
-def _check(name: str, value: float | None, *, allow_none: bool, allow_zero: bool = False) -> None:
-    if value is None:
-        if not allow_none:
-            raise ConfigError(f"{name} must be a number of seconds, not None")
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ConfigError(f"{name} must be a number, not {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,20 +36,13 @@ class SafetyLimits:
     cleanup_timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        _check("checkout_timeout", self.checkout_timeout, allow_none=True)
-        _check("hold_timeout", self.hold_timeout, allow_none=True)
-        _check("query_timeout", self.query_timeout, allow_none=True)
-        _check("connect_timeout", self.connect_timeout, allow_none=True)
-        _check("shutdown_grace", self.shutdown_grace, allow_none=False, allow_zero=True)
-        _check("cleanup_timeout", self.cleanup_timeout, allow_none=False)
-        if self.max_waiting is not None and (
-            isinstance(self.max_waiting, bool)
-            or not isinstance(self.max_waiting, int)
-            or self.max_waiting < 0
-        ):
-            raise ConfigError(
-                f"max_waiting must be an integer >= 0 or None, not {self.max_waiting!r}"
-            )
+        seconds = " of seconds"
+        for name in ("checkout_timeout", "hold_timeout", "query_timeout", "connect_timeout"):
+            check_number(f"limit {name}", getattr(self, name), optional=True, unit=seconds)
+        check_number("limit shutdown_grace", self.shutdown_grace, zero=True, unit=seconds)
+        check_number("limit cleanup_timeout", self.cleanup_timeout, unit=seconds)
+        check_number("limit max_waiting", self.max_waiting, optional=True, zero=True,
+                     integer=True)
 
     @classmethod
     def unlimited(cls) -> SafetyLimits:

@@ -1,91 +1,68 @@
-"""``open_pool`` and :class:`Pool`: options, admission, hand-over, statistics, shutdown.
+"""The pool: the public facade over one lender, one supervisor and one reporter, and
+``open_pool``, the only way to make one.
 
-Who gets which connection is decided synchronously, in one place (:meth:`Pool.ready` and
-:meth:`Pool._checkout`), over plain state: the idle deque (FIFO: the longest-idle connection goes
-first, so every connection is used and idle pings rarely fire on a busy pool) and the waiter queue
-(:mod:`supervisor.queue`). A connection is handed to a waiting task by rescheduling that task with
-the lease as its result, so a hand-over can never be lost to a cancellation racing with it.
+This module wires the layers together and holds no policy of its own: who gets which connection
+is the lender's (:mod:`supervisor.lender`), starting and restarting actors the supervisor's
+(:mod:`supervisor.supervision`), counters and scrubbing the reporter's
+(:mod:`supervisor.reporter`), the rules of a call the session's (:mod:`supervisor.session`).
+What it adds is the lifecycle: open the nursery, start ``min_size`` slots, run the user's
+block, then stop taking work, let held handles finish (up to ``shutdown_grace``), close every
+connection, and give back one error, never an ExceptionGroup (:mod:`supervisor.groups`).
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
-import math
-import random
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import Any, NoReturn, TypeVar, final
 
-import outcome
 import trio
 
-from actors.actor import Actor, ActorConfig
-from actors.driver import Connection as DriverConnection
-from actors.driver import Driver, Params, Row, redact
-from actors.messages import Checkin, Disconnect
+from actors import driver as drv
+from actors.actor import Actor
+from actors.driver import Driver, Params, Row
 from supervisor.backoff import Backoff
-from supervisor.errors import (
-    CheckoutTimeout,
-    ConfigError,
-    PoolClosed,
-    PoolError,
-    QueueDropped,
-    SerializationFailure,
-)
+from supervisor.errors import ConfigError, PoolError, SerializationFailure
+from supervisor.groups import single_error
 from supervisor.handles import (
     Connection,
     RunBlock,
-    Session,
     TransactionBlock,
     one_shot,
     transaction_options,
 )
+from supervisor.lender import Lender, PoolStatistics
 from supervisor.limits import SafetyLimits
-from supervisor.log import LogEntry, LogHook, emit
-from supervisor.queue import CoDel, Waiter, WaiterQueue
+from supervisor.log import LogHook
+from supervisor.options import Configure, PoolOptions
+from supervisor.reporter import Reporter
+from supervisor.session import Session
+from supervisor.supervision import Supervisor
+from supervisor.validate import check_number
 
-if TYPE_CHECKING:
-    from supervisor.supervision import Supervisor
+__all__ = ["Pool", "PoolContext", "PoolStatistics", "open_pool"]
 
-__all__ = ["Pool", "PoolStatistics", "open_pool"]
-
-_names = itertools.count(1)
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStatistics:
-    """A snapshot of a pool. ``idle + busy + connecting == size`` always holds.
-
-    ``size``: connection slots currently supervised (between ``min_size`` and ``max_size``).
-    ``idle``: ready in the idle set. ``busy``: lent to a client. ``connecting``: not available:
-    connecting, backing off after a failure, or being pinged / recovered by its actor.
-    ``waiting``: clients queued. Counters since the pool opened: ``checkouts``, ``connects``,
-    ``disconnects``, ``restarts`` (actor crashes restarted), ``dropped`` (``QueueDropped``),
-    ``timeouts`` (``CheckoutTimeout``), ``revoked`` (leases taken back), ``query_timeouts``.
-    """
-
-    name: str
-    size: int
-    min_size: int
-    max_size: int
-    idle: int
-    busy: int
-    connecting: int
-    waiting: int
-    checkouts: int
-    connects: int
-    disconnects: int
-    restarts: int
-    dropped: int
-    timeouts: int
-    revoked: int
-    query_timeouts: int
+_T = TypeVar("_T")
 
 
-class Pool:
+class _NoPublicConstructor(type):
+    """Trio's rule for classes made only by a factory: calling the class raises ``TypeError``."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError(
+            f"{cls.__module__}.{cls.__qualname__} has no public constructor; "
+            "use `async with open_pool(target, ...) as pool`"
+        )
+
+    def _create(cls: type[_T], *args: Any, **kwargs: Any) -> _T:
+        return super().__call__(*args, **kwargs)  # type: ignore[misc, no-any-return]
+
+
+@final
+class Pool(metaclass=_NoPublicConstructor):
     """A supervised set of database connections. Made by :func:`open_pool`, never directly.
 
     Every method that can wait is a Trio checkpoint. Handles from :meth:`run` and
@@ -94,78 +71,46 @@ class Pool:
     methods reuse its connection (re-entrant), while child tasks get their own.
     """
 
-    def __init__(
-        self,
-        driver: Driver,
-        *,
-        name: str,
-        min_size: int,
-        max_size: int,
-        queue_target: float,
-        queue_interval: float,
-        backoff: Backoff,
-        idle_interval: float,
-        max_idle: float | None,
-        max_lifetime: float | None,
-        after_connect: Callable[[Connection], Awaitable[Any]] | None,
-        configure: Callable[[Mapping[str, Any], int], Mapping[str, Any]] | None,
-        limits: SafetyLimits,
-        log: LogHook | None,
-        log_params: bool,
-        max_restarts: int,
-        restart_window: float,
-        seed: int | None,
-    ) -> None:
-        self.name = name
-        self.driver = driver
-        self.limits = limits
-        self.log_hook = log
-        self.min_size = min_size
-        self.max_size = max_size
-        self._log_params = log_params
-        self._after_connect = after_connect
-        self._configure = configure
-        self._backoff = backoff
-        self._rng = random.Random(seed)
-        self._max_restarts = max_restarts
-        self._restart_window = restart_window
-        self._queue_interval = queue_interval
-        self._queue = WaiterQueue(CoDel(queue_target, queue_interval))
-        self._idle: deque[Actor] = deque()
-        self._actors: dict[int, Actor] = {}
-        self._holders: dict[trio.lowlevel.Task, Session] = {}
-        self._config = ActorConfig(
-            driver=driver,
-            backoff=lambda: backoff.delays(self._rng),
-            idle_interval=idle_interval,
-            max_idle=max_idle,
-            max_lifetime=max_lifetime,
-            connect_timeout=limits.connect_timeout,
-            cleanup_timeout=limits.cleanup_timeout,
-            rng=self._rng,
+    def __init__(self, driver: Driver, options: PoolOptions) -> None:
+        self._driver = driver
+        self._options = options
+        self._reporter = Reporter(options.name, options.log, log_params=options.log_params)
+        self._lender = Lender(
+            driver, options, self._reporter, after_connect=self._run_after_connect
         )
-        self._secrets: list[str] = []
-        self._last_connect_error: str | None = None
-        self._state = "new"
-        self._failure: PoolError | None = None
-        self._leases_out = 0
-        self._all_returned: trio.Event | None = None
         self._supervisor: Supervisor | None = None
-        self.stats_checkouts = 0
-        self.stats_connects = 0
-        self.stats_disconnects = 0
-        self.stats_restarts = 0
-        self.stats_dropped = 0
-        self.stats_timeouts = 0
-        self.stats_revoked = 0
-        self.stats_query_timeouts = 0
 
     def __repr__(self) -> str:
         s = self.statistics()
         return (
-            f"<Pool {self.name!r} {self.driver.name} {self._state} size={s.size} idle={s.idle} "
-            f"busy={s.busy} waiting={s.waiting}>"
+            f"<Pool {self.name!r} {self._driver.name} {self._lender.state} size={s.size} "
+            f"idle={s.idle} busy={s.busy} waiting={s.waiting}>"
         )
+
+    @property
+    def name(self) -> str:
+        """The pool's name, as it appears in every message and log entry."""
+        return self._options.name
+
+    @property
+    def driver(self) -> Driver:
+        """The driver that makes this pool's connections."""
+        return self._driver
+
+    @property
+    def limits(self) -> SafetyLimits:
+        """The pool's :class:`SafetyLimits`."""
+        return self._options.limits
+
+    @property
+    def min_size(self) -> int:
+        """Connections kept open even when idle."""
+        return self._lender.min_size
+
+    @property
+    def max_size(self) -> int:
+        """Most connections open at once."""
+        return self._lender.max_size
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -176,8 +121,8 @@ class Pool:
         ``CheckoutTimeout``). ``queue=False`` raises ``QueueDropped`` at once when no connection
         is idle. In a task that already holds a connection of this pool, it reuses it.
         """
-        _check_timeout(self, timeout)
-        return RunBlock(self, timeout, queue)
+        _check_timeout(self.name, timeout)
+        return RunBlock(self._lender, timeout, queue)
 
     def transaction(
         self,
@@ -197,9 +142,9 @@ class Pool:
         ``savepoint=True``. ``isolation`` (e.g. ``"serializable"``), ``read_only`` and ``mode``
         (SQLite: ``"deferred"``, ``"immediate"``, ``"exclusive"``) apply to the outermost block.
         """
-        _check_timeout(self, timeout)
+        _check_timeout(self.name, timeout)
         return TransactionBlock(
-            self,
+            self._lender,
             savepoint=savepoint,
             options=transaction_options(isolation, read_only, mode),
             timeout=timeout,
@@ -224,9 +169,8 @@ class Pool:
         transaction the task already holds, it cannot retry (the outer transaction is the unit
         of retry): it runs ``fn`` once as a nested flat block, and the options must be unset.
         """
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ConfigError(f"retries must be an integer >= 0, not {retries!r}", pool=self.name)
-        held = self._holders.get(trio.lowlevel.current_task())
+        check_number("retries", retries, pool=self.name, integer=True, zero=True)
+        held = self._lender.held(trio.lowlevel.current_task())
         options: dict[str, Any] = {"isolation": isolation, "read_only": read_only, "mode": mode}
         if held is not None and held.scopes:
             async with self.transaction(**options) as tx:
@@ -242,63 +186,39 @@ class Pool:
                 if attempt >= retries:
                     raise
                 attempt += 1
-                await trio.sleep(self._rng.uniform(0, 0.01 * 2**attempt))
+                await trio.sleep(self._lender.rng.uniform(0, 0.01 * 2**attempt))
 
     async def execute(self, query: str, params: Params = None) -> int:
         """One-shot :meth:`Connection.execute` (on the task's held connection, if any). Never
         retried: a write may have committed before a connection dropped."""
-        return await one_shot(self, lambda c: c.execute(query, params), retry=False)
+        return await one_shot(self._lender, lambda c: c.execute(query, params), retry=False)
 
     async def fetch_all(self, query: str, params: Params = None) -> list[Row]:
         """One-shot :meth:`Connection.fetch_all`; retried once on a lost connection when it ran
         on its own lease."""
-        return await one_shot(self, lambda c: c.fetch_all(query, params), retry=True)
+        return await one_shot(self._lender, lambda c: c.fetch_all(query, params), retry=True)
 
     async def fetch_one(
         self, query: str, params: Params = None, *, optional: bool = False
     ) -> Row | None:
         """One-shot :meth:`Connection.fetch_one` (retried once on a lost connection)."""
         return await one_shot(
-            self, lambda c: c.fetch_one(query, params, optional=optional), retry=True
+            self._lender, lambda c: c.fetch_one(query, params, optional=optional), retry=True
         )
 
     async def fetch_val(self, query: str, params: Params = None, *, optional: bool = False) -> Any:
         """One-shot :meth:`Connection.fetch_val` (retried once on a lost connection)."""
         return await one_shot(
-            self, lambda c: c.fetch_val(query, params, optional=optional), retry=True
+            self._lender, lambda c: c.fetch_val(query, params, optional=optional), retry=True
         )
 
     async def fetch_column(self, query: str, params: Params = None) -> list[Any]:
         """One-shot :meth:`Connection.fetch_column` (retried once on a lost connection)."""
-        return await one_shot(self, lambda c: c.fetch_column(query, params), retry=True)
+        return await one_shot(self._lender, lambda c: c.fetch_column(query, params), retry=True)
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of sizes and counters."""
-        idle = busy = 0
-        for actor in self._actors.values():
-            if actor.state == "idle":
-                idle += 1
-            elif actor.state == "busy":
-                busy += 1
-        size = len(self._actors)
-        return PoolStatistics(
-            name=self.name,
-            size=size,
-            min_size=self.min_size,
-            max_size=self.max_size,
-            idle=idle,
-            busy=busy,
-            connecting=size - idle - busy,
-            waiting=len(self._queue),
-            checkouts=self.stats_checkouts,
-            connects=self.stats_connects,
-            disconnects=self.stats_disconnects,
-            restarts=self.stats_restarts,
-            dropped=self.stats_dropped,
-            timeouts=self.stats_timeouts,
-            revoked=self.stats_revoked,
-            query_timeouts=self.stats_query_timeouts,
-        )
+        return self._lender.statistics()
 
     def disconnect_all(self, interval: float = 0.0) -> Awaitable[None]:
         """Replace every connection, spread evenly over ``interval`` seconds, without failing
@@ -309,365 +229,66 @@ class Pool:
         may be awaited (a checkpoint) or ignored: ``pool.disconnect_all()`` and
         ``await pool.disconnect_all()`` do the same.
         """
-        if (
-            isinstance(interval, bool)
-            or not isinstance(interval, int | float)
-            or not math.isfinite(interval)
-            or interval < 0
-        ):
-            raise ConfigError(f"interval must be a number >= 0, not {interval!r}", pool=self.name)
-        actors = sorted(self._actors.values(), key=lambda a: a.index)
+        check_number("interval", interval, pool=self.name, zero=True, finite=True)
+        actors = self._lender.actors()
         now = trio.current_time()
         for i, actor in enumerate(actors):
-            actor.send(Disconnect(now + interval * i / max(len(actors), 1)))
+            actor.replace_at(now + interval * i / max(len(actors), 1))
         return _Scheduled()
 
     # -- checkout and return (the hot path) -----------------------------------------------------
 
-    async def _checkout(
-        self,
-        timeout: float | None,
-        queue: bool,
-        task: trio.lowlevel.Task | None = None,
-        *,
-        schedule: bool = True,
-    ) -> Session:
-        """Lease a connection. ``schedule=False`` skips the scheduling half of the checkpoint
-        on the fast path, for callers whose next step is a driver call (itself a checkpoint,
-        by the driver protocol): one-shot queries and BEGIN. That saves one scheduler pass
-        (10-12% of a one-shot `select 1` on PostgreSQL). Cancellation is still checked first.
-        """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self._state != "open":
-            raise self._closed_error()
-        if task is None:
-            task = trio.lowlevel.current_task()
-        if self._idle:
-            actor = self._idle.popleft()
-            session = self._lend(actor, task)
-            self._holders[task] = session
-            if schedule:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return session
-        return await self._wait(task, timeout, queue)
+    # -- lifecycle (used by open_pool) ----------------------------------------------------------
 
-    async def _wait(
-        self, task: trio.lowlevel.Task, timeout: float | None, queue: bool
-    ) -> Session:
-        if not queue:
-            self.stats_dropped += 1
-            raise QueueDropped(
-                f"no idle connection and queue=False ({self._load()})", pool=self.name
-            )
-        limit = self.limits.max_waiting
-        if limit is not None and len(self._queue) >= limit:
-            self.stats_dropped += 1
-            raise QueueDropped(
-                f"the queue is full: max_waiting={limit} ({self._load()})", pool=self.name
-            )
-        self._maybe_grow()
-        now = trio.current_time()
-        waiter = Waiter(now, task)
-        self._queue.push(waiter)
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self._queue.discard(waiter)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        if timeout is None:
-            timeout = self.limits.checkout_timeout
-        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
-            session: Session = await trio.lowlevel.wait_task_rescheduled(abort)
-            self._holders[task] = session
-            return session
-        self.stats_timeouts += 1
-        error = CheckoutTimeout(
-            f"no connection became available within {timeout:g}s ({self._load()})",
-            pool=self.name,
-        )
-        emit(self.log_hook, LogEntry(pool=self.name, call="timeout", pool_time=timeout,
-                                     error=error))
-        assert scope.cancelled_caught
-        raise error
-
-    def _load(self) -> str:
-        s = self.statistics()
-        text = (
-            f"size {s.size}/{s.max_size}, {s.busy} busy, {s.idle} idle, "
-            f"{s.connecting} connecting, {s.waiting} waiting"
-        )
-        if self._last_connect_error is not None and s.idle == 0 and s.busy < s.size:
-            # The database is the problem, not the load: say so.
-            text += f"; last connect attempt failed: {self._last_connect_error}"
-        return text
-
-    def _lend(self, actor: Actor, task: trio.lowlevel.Task | None) -> Session:
-        assert actor.conn is not None
-        session = Session(self, actor, actor.conn, actor.generation, task)
-        actor.lend(session)
-        self._leases_out += 1
-        self.stats_checkouts += 1
-        hold = self.limits.hold_timeout
-        if hold is not None:
-            session.hold_deadline = trio.current_time() + hold
-            actor.poke(session.hold_deadline)
-        return session
-
-    def _checkin(self, session: Session) -> None:
-        """A block that owned a lease ended (synchronous: never delays the client)."""
-        if not session.active:
-            return
-        session.active = False
-        if self._holders.get(session.task) is session:  # type: ignore[arg-type]
-            del self._holders[session.task]  # type: ignore[arg-type]
-        self._leases_out -= 1
-        if self._leases_out == 0 and self._all_returned is not None:
-            self._all_returned.set()
-        if session.revoked is not None:
-            return
-        actor = session.actor
-        if session.op_task is not None:
-            # The block ended while another task is still inside a call on its handle: the
-            # connection is mid-call and must not be lent again. The actor takes it back
-            # (the straggler gets ConnectionLost) and connects a fresh one.
-            session.kill(
-                f"pool {self.name!r}: the block holding connection #{actor.index} ended while "
-                f"task {session.op_task.name!r} was still running a call on it",
-                "block ended with a call in flight",
-            )
-            return
-        actor.lease = None
-        if session.clean():
-            self.ready(actor)
-        else:
-            actor.state = "maintenance"
-            actor.send(Checkin(session))
-
-    # -- Host protocol (called by actors) -------------------------------------------------------
-
-    def ready(self, actor: Actor) -> None:
-        """Hand ``actor``'s connection to the next waiter, or put it in the idle set."""
-        now = trio.current_time()
-        if self._state == "open" and self._queue.live:
-            waiter, dropped = self._queue.serve(now)
-            for gone in dropped:
-                self._drop(gone, now)
-            if waiter is not None:
-                session = self._lend(actor, waiter.token)
-                session.checkout_wait = now - waiter.start
-                trio.lowlevel.reschedule(waiter.token, outcome.Value(session))
-                return
-        else:
-            self._queue.codel.on_idle()
-        actor.state = "idle"
-        actor.idle_since = now
-        self._idle.append(actor)
-
-    def withdraw(self, actor: Actor) -> bool:
-        """Take ``actor`` out of the idle set (for a ping, a replacement, shutdown)."""
-        if actor.state != "idle":
-            return False
-        try:
-            self._idle.remove(actor)
-        except ValueError:
-            pass
-        actor.state = "maintenance"
-        return True
-
-    def can_shrink(self, actor: Actor) -> bool:
-        """Elastic pools close idle connections above ``min_size`` (actors already on their
-        way out do not count, so simultaneous expiries never go below ``min_size``)."""
-        staying = sum(1 for a in self._actors.values() if not a.exiting)
-        return staying > self.min_size
-
-    def configure(self, options: Mapping[str, Any], index: int) -> Mapping[str, Any]:
-        """Options for the next connect attempt (the ``configure=`` hook, if any)."""
-        options = dict(options)
-        if self._configure is not None:
-            result = self._configure(options, index)
-            if not isinstance(result, Mapping):
-                raise ConfigError(
-                    f"configure= must return a mapping of connect options, not "
-                    f"{type(result).__name__}",
-                    pool=self.name,
-                )
-            options = dict(result)
-        self._secrets = sorted(
-            set(self._secrets) | set(self.driver.secrets(options)), key=len, reverse=True
-        )
-        return options
-
-    async def after_connect(self, actor: Actor, conn: DriverConnection) -> None:
-        """Run the ``after_connect=`` hook with a handle on the new connection."""
-        if self._after_connect is None:
+    async def _run_after_connect(self, actor: Actor, conn: drv.Connection) -> None:
+        """The ``after_connect=`` hook, with a handle on the new connection; the pool's one-shot
+        calls in the hook run on it."""
+        hook = self._options.after_connect
+        if hook is None:
             return
         task = trio.lowlevel.current_task()
-        session = Session(self, actor, conn, actor.generation, task)
+        lender = self._lender
+        session = Session(self._reporter, self.limits, actor, conn, actor.generation, task)
         handle = Connection(session)
-        self._holders[task] = session  # pool.* one-shot calls in the hook use this connection
+        lender.holders[task] = session
         try:
-            await self._after_connect(handle)
+            await hook(handle)
         finally:
             handle._closed = True
-            if self._holders.get(task) is session:
-                del self._holders[task]
+            if lender.holders.get(task) is session:
+                del lender.holders[task]
         if session.interrupted or session.broken or conn.status() != "idle":
             raise PoolError(
                 "after_connect left the connection busy or in a transaction", pool=self.name
             )
 
-    def report(
-        self, event: str, actor: Actor, *, error: BaseException | None = None, message: str = ""
-    ) -> None:
-        """Count a lifecycle event and pass it to the log hook."""
-        if event == "connect":
-            self.stats_connects += 1
-            self._last_connect_error = None
-        elif event == "connect_failed" and error is not None:
-            self._last_connect_error = self.scrub(f"{type(error).__name__}: {error}")
-        elif event == "disconnect":
-            self.stats_disconnects += 1
-        elif event == "revoked":
-            self.stats_revoked += 1
-        if self.log_hook is not None:
-            text = message
-            if error is not None:
-                text = (text + ": " if text else "") + f"{type(error).__name__}: {error}"
-            emit(
-                self.log_hook,
-                LogEntry(
-                    pool=self.name,
-                    call=event,
-                    connection=actor.index,
-                    error=self.safe_error(error),
-                    message=self.scrub(text) or None,
-                ),
-            )
-
-    # -- helpers used by handles and the supervisor ---------------------------------------------
-
-    def scrub(self, text: str) -> str:
-        """Remove every known secret from ``text``."""
-        return redact(text, self._secrets)
-
-    def safe_error(self, error: BaseException | None) -> BaseException | None:
-        """``error`` for a log entry, or, if its text (or that of any exception it chains to)
-        contains a known secret, a scrubbed stand-in with no chain: a log hook that prints
-        ``entry.error`` must never print a password."""
-        if error is None or not self._secrets:
-            return error
-        seen: set[int] = set()
-        exc: BaseException | None = error
-        while exc is not None and id(exc) not in seen:
-            seen.add(id(exc))
-            text = f"{exc!s} {exc!r}"
-            if any(secret and secret in text for secret in self._secrets):
-                return PoolError(
-                    self.scrub(f"{type(error).__name__}: {error}"), pool=self.name
-                )
-            exc = exc.__cause__ or exc.__context__
-        return error
-
-    def log_params_of(self, params: Params) -> Any:
-        """What the log hook may see of the parameters."""
-        if params is None or self._log_params:
-            return params
-        return f"<{len(params)} params redacted>"
-
-    def _drop(self, waiter: Waiter, now: float) -> None:
-        self.stats_dropped += 1
-        cause = (
-            "no connection could be made"
-            if self._last_connect_error is not None and not self._idle
-            else "the pool is overloaded"
-        )
-        error = QueueDropped(
-            f"dropped from the queue after waiting {now - waiter.start:.3f}s: {cause} "
-            f"(queue_target={self._queue.codel.target:g}s, {self._load()})",
-            pool=self.name,
-        )
-        emit(self.log_hook, LogEntry(pool=self.name, call="dropped", error=error,
-                                     pool_time=now - waiter.start))
-        trio.lowlevel.reschedule(waiter.token, outcome.Error(error))
-
-    def _maybe_grow(self) -> None:
-        if self._supervisor is None or len(self._actors) >= self.max_size:
-            return
-        starting = sum(1 for a in self._actors.values() if a.state in ("connecting", "backoff"))
-        if starting <= len(self._queue):
-            self._start_slot()
-
-    def _start_slot(self) -> None:
+    def _start_slot(self, index: int) -> None:
         assert self._supervisor is not None
-        index = next(i for i in itertools.count() if i not in self._actors)
-        self._actors[index] = Actor(index, self, self._config)  # placeholder until it runs
         self._supervisor.start(index)
 
-    def _new_actor(self, index: int) -> Actor:
-        actor = self._actors.get(index)
-        if actor is None or actor.state != "connecting" or actor.generation != 0:
-            actor = Actor(index, self, self._config)
-        self._actors[index] = actor
-        return actor
-
-    def _actor_gone(self, actor: Actor, *, crashed: bool) -> None:
-        self.withdraw(actor)
-        actor.state = "stopped"
-        if not crashed and self._actors.get(actor.index) is actor:
-            del self._actors[actor.index]
-
-    def _fail(self, error: PoolError) -> None:
-        self._failure = error
-        self._state = "failed"
-        for waiter in self._queue.drain():
-            # A distinct instance per waiter: the supervisor raises ``error`` itself, and one
-            # exception object must not travel up two tasks (it would be counted twice).
-            trio.lowlevel.reschedule(waiter.token, outcome.Error(self._closed_error()))
-
-    def _closed_error(self) -> PoolError:
-        if self._failure is not None:
-            return PoolClosed(str(self._failure), pool=self.name)
-        return PoolClosed("the pool is closed", pool=self.name)
-
-    async def _codel_poll(self) -> None:
-        while True:
-            await trio.sleep(self._queue_interval)
-            now = trio.current_time()
-            for waiter in self._queue.poll(now):
-                self._drop(waiter, now)
-
     async def _open(self, nursery: trio.Nursery) -> None:
-        from supervisor.supervision import Supervisor
-
+        options = self._options
+        lender = self._lender
         self._supervisor = Supervisor(
-            self,
+            lender,
             nursery,
-            delays=lambda: self._backoff.delays(self._rng),
-            max_restarts=self._max_restarts,
-            restart_window=self._restart_window,
+            delays=lambda: options.backoff.delays(lender.rng),
+            max_restarts=options.max_restarts,
+            restart_window=options.restart_window,
         )
-        self._state = "open"
-        nursery.start_soon(self._codel_poll, name=f"pool {self.name} queue poll")
-        for _ in range(self.min_size):
-            self._start_slot()
+        lender.grow = self._start_slot
+        lender.open()
+        nursery.start_soon(lender.poll_queue, name=f"pool {self.name} queue poll")
+        for _ in range(options.min_size):
+            self._start_slot(lender.new_slot())
         await trio.lowlevel.checkpoint()
 
     async def _close(self, nursery: trio.Nursery) -> None:
-        if self._state == "open":
-            self._state = "closing"
-        closed = PoolClosed("the pool is closing", pool=self.name)
-        for waiter in self._queue.drain():
-            trio.lowlevel.reschedule(waiter.token, outcome.Error(closed))
-        with trio.CancelScope(shield=True):
-            if self._leases_out:
-                self._all_returned = trio.Event()
-                with trio.move_on_after(self.limits.shutdown_grace):
-                    await self._all_returned.wait()
-            if self._state == "closing":
-                self._state = "closed"
+        await self._lender.close(self.limits.shutdown_grace)
         nursery.cancel_scope.cancel()
 
 
+@final
 class _Scheduled:
     """What :meth:`Pool.disconnect_all` returns: the work is done; awaiting it is a
     checkpoint (Trio's rule for anything awaitable)."""
@@ -678,15 +299,8 @@ class _Scheduled:
         return trio.lowlevel.checkpoint().__await__()  # noqa: ASYNC105 - delegated await
 
 
-def _check_timeout(pool: Pool, timeout: float | None) -> None:
-    if timeout is not None and (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or math.isnan(timeout)
-        or timeout < 0
-    ):
-        raise ConfigError(f"timeout must be a number of seconds >= 0, not {timeout!r}",
-                          pool=pool.name)
+def _check_timeout(pool: str, timeout: float | None) -> None:
+    check_number("timeout", timeout, pool=pool, optional=True, zero=True, unit=" of seconds")
 
 
 # -- open_pool ------------------------------------------------------------------------------------
@@ -720,31 +334,12 @@ def _driver_for(target: str | Driver, name: str) -> Driver:
         ) from exc
     except ValueError as exc:
         raise ConfigError(f"bad target URL: {exc}", pool=name) from exc
+    shown = f"{scheme}:" if re.fullmatch(r"[a-z][a-z0-9+.-]{0,30}", scheme) else "(none)"
     raise ConfigError(
-        f"unsupported target URL scheme {scheme + ':' if scheme else '(none)'}; use "
-        "postgresql://, postgres://, sqlite:///path or sqlite://:memory:, or pass a driver",
+        f"unsupported target URL scheme {shown}; use postgresql://, postgres://, "
+        "sqlite:///path or sqlite://:memory:, or pass a driver",
         pool=name,
     )
-
-
-def _number(name: str, pool: str, value: Any, *, optional: bool = False, zero: bool = False,
-            integer: bool = False) -> None:
-    if value is None and optional:
-        return
-    kinds: type | tuple[type, ...] = int if integer else (int, float)
-    ok = not isinstance(value, bool) and isinstance(value, kinds)
-    if ok and not integer:
-        ok = not math.isnan(value)
-    if ok:
-        ok = value >= 0 if zero else value > 0
-    if not ok:
-        what = "an integer" if integer else "a number"
-        bound = ">= 0" if zero else "> 0"
-        raise ConfigError(
-            f"option {name} must be {what} {bound}{' or None' if optional else ''}, "
-            f"not {value!r}",
-            pool=pool,
-        )
 
 
 def open_pool(
@@ -760,7 +355,7 @@ def open_pool(
     max_idle: float | None = 600.0,
     max_lifetime: float | None = None,
     after_connect: Callable[[Connection], Awaitable[Any]] | None = None,
-    configure: Callable[[Mapping[str, Any], int], Mapping[str, Any]] | None = None,
+    configure: Configure | None = None,
     limits: SafetyLimits | None = None,
     log: LogHook | None = None,
     log_params: bool = False,
@@ -768,7 +363,7 @@ def open_pool(
     max_restarts: int = 10,
     restart_window: float = 60.0,
     seed: int | None = None,
-) -> _PoolContext:
+) -> PoolContext:
     """Open a pool: ``async with open_pool("sqlite:///app.db", size=4) as pool``.
 
     ``target`` is a URL (``postgresql://`` / ``postgres://``: psycopg; ``sqlite:///path`` or
@@ -787,84 +382,42 @@ def open_pool(
     query parameters. ``name``: appears in every error message and log entry.
     ``max_restarts`` / ``restart_window``: restart intensity (more crashes than that within the
     window fail the pool). ``seed``: makes jitter and backoff reproducible.
+
+    Returns a :class:`PoolContext`, an async context manager that yields the :class:`Pool`.
     """
-    pool_name = name if name is not None else f"{getattr(target, 'name', None) or 'pool'}"
-    if name is not None and (not isinstance(name, str) or not name):
-        raise ConfigError(f"option name must be a non-empty string, not {name!r}")
-    if name is None:
-        scheme = target.split(":", 1)[0] if isinstance(target, str) else pool_name
-        pool_name = f"{scheme}-{next(_names)}"
-    if size is not None and (min_size is not None or max_size is not None):
-        raise ConfigError("give either size or min_size/max_size, not both", pool=pool_name)
-    if size is not None:
-        _number("size", pool_name, size, integer=True)
-        lo = hi = size
-    elif min_size is None and max_size is None:
-        lo = hi = 10
-    else:
-        hi = max_size if max_size is not None else max(min_size or 0, 10)
-        lo = min_size if min_size is not None else 0
-        _number("min_size", pool_name, lo, integer=True, zero=True)
-        _number("max_size", pool_name, hi, integer=True)
-        if lo > hi:
-            raise ConfigError(
-                f"option min_size ({lo}) must not exceed max_size ({hi})", pool=pool_name
-            )
-    _number("queue_target", pool_name, queue_target)
-    _number("queue_interval", pool_name, queue_interval)
-    _number("idle_interval", pool_name, idle_interval)
-    _number("max_idle", pool_name, max_idle, optional=True)
-    _number("max_lifetime", pool_name, max_lifetime, optional=True)
-    _number("max_restarts", pool_name, max_restarts, integer=True, zero=True)
-    _number("restart_window", pool_name, restart_window)
-    if backoff is None:
-        backoff = Backoff()
-    elif not isinstance(backoff, Backoff):
-        raise ConfigError(f"option backoff must be a Backoff, not {backoff!r}", pool=pool_name)
-    if limits is None:
-        limits = SafetyLimits()
-    elif not isinstance(limits, SafetyLimits):
-        raise ConfigError(f"option limits must be a SafetyLimits, not {limits!r}", pool=pool_name)
-    for opt, fn in (("after_connect", after_connect), ("configure", configure), ("log", log)):
-        if fn is not None and not callable(fn):
-            raise ConfigError(f"option {opt} must be callable, not {fn!r}", pool=pool_name)
-    if inspect.isfunction(after_connect) and not inspect.iscoroutinefunction(after_connect):
-        raise ConfigError(
-            "option after_connect must be an async function (async def f(conn)), "
-            f"not the plain function {after_connect.__name__!r}",
-            pool=pool_name,
-        )
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ConfigError(f"option seed must be an integer or None, not {seed!r}", pool=pool_name)
-    driver = _driver_for(target, pool_name)
-    pool = Pool(
-        driver,
-        name=pool_name,
-        min_size=lo,
-        max_size=hi,
+    options = PoolOptions.build(
+        target,
+        size=size,
+        min_size=min_size,
+        max_size=max_size,
+        name=name,
+        backoff=backoff,
+        limits=limits,
         queue_target=queue_target,
         queue_interval=queue_interval,
-        backoff=backoff,
         idle_interval=idle_interval,
         max_idle=max_idle,
         max_lifetime=max_lifetime,
         after_connect=after_connect,
         configure=configure,
-        limits=limits,
         log=log,
         log_params=log_params,
         max_restarts=max_restarts,
         restart_window=restart_window,
         seed=seed,
     )
-    return _PoolContext(pool, owns_driver=isinstance(target, str))
+    driver = _driver_for(target, options.name)
+    return PoolContext._create(Pool._create(driver, options), owns_driver=isinstance(target, str))
 
 
-class _PoolContext:
-    """The async context manager returned by :func:`open_pool`.
+@final
+class PoolContext(metaclass=_NoPublicConstructor):
+    """What :func:`open_pool` returns: ``async with`` it to run the pool around a block.
 
     It runs the pool's nursery around the body and never lets an ExceptionGroup escape: a
-    single error (from the body or from the pool) comes out as itself.
+    single error (from the body or from the pool) comes out as itself (the rule is in
+    :mod:`supervisor.groups`). It can be entered once. ``await open_pool(...)`` is a mistake
+    and raises ``TypeError`` saying to use ``async with``.
     """
 
     def __init__(self, pool: Pool, *, owns_driver: bool) -> None:
@@ -873,27 +426,48 @@ class _PoolContext:
         self._cm: Any = None
         self._body_error: BaseException | None = None
 
+    def __repr__(self) -> str:
+        return f"<PoolContext for pool {self._pool.name!r}>"
+
+    def __await__(self) -> NoReturn:
+        raise TypeError(
+            f"pool {self._pool.name!r}: open_pool(...) is not awaitable; use "
+            "`async with open_pool(...) as pool:` (the pool lives as long as the block)"
+        )
+
     async def __aenter__(self) -> Pool:
         if self._cm is not None:
             raise PoolError("open_pool(...) context entered twice", pool=self._pool.name)
         self._cm = self._run()
-        pool: Pool = await self._cm.__aenter__()
+        try:
+            pool: Pool = await self._cm.__aenter__()
+        except BaseExceptionGroup as group:
+            self._raise_single(group)  # the pool failed while opening
         return pool
 
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
         try:
-            result: bool | None = await self._cm.__aexit__(*exc_info)
+            result: bool | None = await self._cm.__aexit__(exc_type, exc, tb)
             return result
         except BaseExceptionGroup as group:
-            leaf = _single_leaf(group, self._pool, self._body_error)
-            if leaf is None:
-                raise
-            cause, context, tb = leaf.__cause__, leaf.__context__, leaf.__traceback__
-            try:
-                raise leaf.with_traceback(tb)
-            finally:
-                leaf.__cause__, leaf.__context__ = cause, context
-                del leaf, group
+            self._raise_single(group)
+
+    def _raise_single(self, group: BaseExceptionGroup[BaseException]) -> NoReturn:
+        pool = self._pool
+        leaf = single_error(
+            group, pool=pool.name, body=self._body_error, failure=pool._lender.failure
+        )
+        cause, context, leaf_tb = leaf.__cause__, leaf.__context__, leaf.__traceback__
+        try:
+            raise leaf.with_traceback(leaf_tb)
+        finally:
+            leaf.__cause__, leaf.__context__ = cause, context
+            del leaf, group
 
     @asynccontextmanager
     async def _run(self) -> AsyncIterator[Pool]:
@@ -922,45 +496,3 @@ async def _close_driver(driver: Driver) -> None:
         result = close()
         if inspect.isawaitable(result):
             await result
-
-
-def _same(a: BaseException, b: BaseException) -> bool:
-    """``a`` is ``b``, or a copy Trio derived from it (same message, same leaves)."""
-    if a is b:
-        return True
-    if isinstance(a, BaseExceptionGroup) and isinstance(b, BaseExceptionGroup):
-        return (
-            type(a) is type(b)
-            and a.message == b.message
-            and len(a.exceptions) == len(b.exceptions)
-            and all(_same(x, y) for x, y in zip(a.exceptions, b.exceptions, strict=True))
-        )
-    return False
-
-
-def _single_leaf(
-    group: BaseExceptionGroup[BaseException], pool: Pool, body: BaseException | None
-) -> BaseException | None:
-    """The one exception a group stands for, or None if it really holds several.
-
-    Cancellations are noise here (the nursery's own). When the pool failed, the supervisor's
-    ``PoolClosed`` and the copies delivered to waiting clients are one failure: a body that
-    raised something else wins (its context shows the failure), otherwise the pool's failure.
-    """
-    # Only the nursery's own group is ours to unwrap: an ExceptionGroup raised by the body (or
-    # by a nursery inside it) is one of the children and comes out exactly as raised.
-    unique = list({id(e): e for e in group.exceptions}.values())
-    real = [e for e in unique if not isinstance(e, trio.Cancelled)]
-    if pool._failure is not None:
-        others = [e for e in real if not (isinstance(e, PoolClosed) and e.pool == pool.name)]
-        if not others:
-            return pool._failure
-        real = others
-    if len(real) == 1:
-        if body is not None and _same(real[0], body):
-            return body
-        return real[0]
-    if not real and unique:
-        return unique[0]
-    return None
-

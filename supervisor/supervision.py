@@ -11,32 +11,36 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import final
 
 import trio
 
 from actors.actor import Actor
 from supervisor.errors import PoolClosed
-
-if TYPE_CHECKING:
-    from supervisor.pool import Pool
+from supervisor.lender import Lender
 
 __all__ = ["Supervisor"]
 
 
+@final
 class Supervisor:
-    """Starts and restarts the actors of one pool inside the pool's nursery."""
+    """Starts and restarts the actors of one pool inside the pool's nursery.
+
+    The lender registers the slots and makes the actors; the supervisor runs them, and tells the
+    lender when one ends (:meth:`Lender.actor_gone`) or when the pool must fail
+    (:meth:`Lender.fail`).
+    """
 
     def __init__(
         self,
-        pool: Pool,
+        lender: Lender,
         nursery: trio.Nursery,
         *,
         delays: Callable[[], Iterator[float]],
         max_restarts: int,
         restart_window: float,
     ) -> None:
-        self._pool = pool
+        self._lender = lender
         self._nursery = nursery
         self._delays = delays
         self._max_restarts = max_restarts
@@ -45,30 +49,29 @@ class Supervisor:
 
     def start(self, index: int) -> None:
         """Start supervising slot ``index`` (the pool has registered the slot already)."""
-        self._nursery.start_soon(self._supervise, index, name=f"pool {self._pool.name}#{index}")
+        self._nursery.start_soon(self._supervise, index, name=f"pool {self._lender.name}#{index}")
 
     async def _supervise(self, index: int) -> None:
-        pool = self._pool
+        lender = self._lender
         delays: Iterator[float] | None = None
         while True:
-            actor = pool._new_actor(index)
+            actor = lender.new_actor(index)
             try:
                 await actor.run()
             except Exception as exc:
-                pool._actor_gone(actor, crashed=True)
-                pool.report("crash", actor, error=exc)
+                lender.actor_gone(actor, crashed=True)
+                lender.report("crash", actor, error=exc)
                 self._check_intensity(actor, exc)
                 if actor.generation > 0:
                     delays = None  # it had connected: a fresh crash, restart delays start over
                 delays = delays or self._delays()
                 await trio.sleep(next(delays, 0.0))
-                pool.stats_restarts += 1
-                pool.report("restart", actor)
+                lender.report("restart", actor)
                 continue
             except BaseException:
-                pool._actor_gone(actor, crashed=False)
+                lender.actor_gone(actor, crashed=False)
                 raise
-            pool._actor_gone(actor, crashed=False)
+            lender.actor_gone(actor, crashed=False)
             return
 
     def _check_intensity(self, actor: Actor, exc: Exception) -> None:
@@ -81,8 +84,8 @@ class Supervisor:
             reason = (
                 f"failed: {len(crashes)} actor crashes within {self._window:g}s exceed "
                 f"max_restarts={self._max_restarts}; last crash (connection #{actor.index}): "
-                f"{type(exc).__name__}: {self._pool.scrub(str(exc))}"
+                f"{type(exc).__name__}: {self._lender.scrub(str(exc))}"
             )
-            error = PoolClosed(reason, pool=self._pool.name)
-            self._pool._fail(error)
+            error = PoolClosed(reason, pool=self._lender.name)
+            self._lender.fail(error)
             raise error from exc

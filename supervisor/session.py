@@ -1,0 +1,332 @@
+"""A session: one lease as the pool sees it, its transaction scopes, and the one place where a
+client's call meets the driver.
+
+Every database call of a handle goes through :meth:`Session.call`, which is where the rules live:
+
+* a handle is usable by one task at a time (``PoolError`` when two tasks overlap: protocol
+  messages are never interleaved);
+* a revoked lease (hold deadline, ``kill()``, shutdown) raises ``ConnectionLost``;
+* a failed transaction raises ``TransactionFailed`` without touching the database;
+* a call cancelled midway marks the lease *interrupted*: nothing more is sent by the client; the
+  actor cancels and drains it in its own task once the lease is returned (or, if the client
+  caught the cancellation and goes on, the next call recovers first, bounded);
+* driver errors are translated in one place: ``actors.driver.DatabaseError`` becomes
+  ``QueryError`` (``IntegrityError``, ``SerializationFailure``), ``actors.driver.ConnectionLost``
+  becomes ``supervisor.ConnectionLost``, a refused argument ``ConfigError``; every message names
+  the pool and is scrubbed of secrets.
+
+A session knows nothing of pools: it gets the pool's :class:`~supervisor.reporter.Reporter` and
+:class:`~supervisor.limits.SafetyLimits`, and talks to its actor through the lease's owner
+protocol (:class:`actors.lease.LeaseOwner`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, final
+
+import trio
+
+from actors import driver as drv
+from actors.actor import restore_idle
+from actors.lease import Lease, LeaseOwner
+from supervisor.errors import (
+    ConfigError,
+    ConnectionLost,
+    IntegrityError,
+    PoolError,
+    QueryError,
+    QueryTimeout,
+    SerializationFailure,
+    TransactionFailed,
+)
+from supervisor.limits import SafetyLimits
+from supervisor.log import LogEntry
+from supervisor.reporter import Reporter
+
+__all__ = ["Session", "TxScope", "short"]
+
+T = TypeVar("T")
+_SERIALIZATION_STATES = frozenset({"40001", "40P01"})
+
+
+def short(query: str, limit: int = 200) -> str:
+    query = " ".join(query.split())
+    return query if len(query) <= limit else query[: limit - 3] + "..."
+
+
+class TxScope:
+    """One transaction level that can fail on its own: the outermost transaction or a savepoint.
+    Flat nested blocks share the scope of the level they are nested in."""
+
+    __slots__ = ("failed", "reason", "savepoint")
+
+    def __init__(self, savepoint: str | None) -> None:
+        self.savepoint = savepoint
+        self.failed = False
+        self.reason = ""
+
+    def fail(self, reason: str) -> None:
+        if not self.failed:
+            self.failed = True
+            self.reason = reason
+
+
+@final
+class Session(Lease):
+    """A lease as the pool sees it: owner task, transaction scopes, open streams."""
+
+    __slots__ = (
+        "checkout_wait",
+        "guarded",
+        "limits",
+        "needs_reset",
+        "reporter",
+        "savepoints",
+        "scopes",
+        "streams",
+        "task",
+    )
+
+    def __init__(
+        self,
+        reporter: Reporter,
+        limits: SafetyLimits,
+        actor: LeaseOwner,
+        conn: drv.Connection,
+        generation: int,
+        task: trio.lowlevel.Task | None,
+    ) -> None:
+        super().__init__(actor, conn, generation)
+        self.reporter = reporter
+        self.limits = limits
+        self.task = task
+        self.scopes: list[TxScope] = []
+        self.savepoints = 0
+        self.streams: set[object] = set()  # open handles.Stream objects
+        self.needs_reset = False
+        self.checkout_wait = 0.0
+        # Calls run under their own cancel scope only when a deadline may cut them short.
+        self.guarded = limits.hold_timeout is not None or limits.query_timeout is not None
+
+    # -- state checks ----------------------------------------------------------------------
+
+    def clean(self) -> bool:
+        """Whether the connection can go straight back to the idle set (no actor work)."""
+        return not (
+            self.interrupted
+            or self.broken
+            or self.needs_reset
+            or self.streams
+            or self.killed
+            or self.actor.retiring
+            or self.conn.status() != "idle"
+        )
+
+    def _lost(self, why: str | None = None) -> ConnectionLost:
+        reason = self.revoked or why or "the connection was lost"
+        return ConnectionLost(reason, pool=self.reporter.name)
+
+    def _enter(self) -> None:
+        """Checks before any call: revoked, concurrent use."""
+        if self.revoked is not None:
+            raise self._lost()
+        if self.op_task is not None:
+            raise PoolError(
+                "a connection handle was used by two tasks at once "
+                f"(task {self.op_task.name!r} is running a call on it); give each task its own "
+                "handle (pool.run() in that task)",
+                pool=self.reporter.name,
+            )
+
+    def fail_all(self, reason: str) -> None:
+        for scope in self.scopes:
+            scope.fail(reason)
+
+    def set_hold_deadline(self, deadline: float) -> None:
+        """Move the hold deadline; calls now run under a cancel scope so it can be enforced."""
+        self.guarded = True
+        super().set_hold_deadline(deadline)
+
+    # -- the one place where client I/O happens ------------------------------------------------
+
+    async def call(
+        self,
+        name: str,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        query: str | None = None,
+        params: drv.Params = None,
+        check_failed: bool = True,
+        oneshot: bool = False,
+    ) -> T:
+        """Run one driver call in the caller's task, with every rule of the module docstring."""
+        self._enter()
+        if check_failed and self.scopes and self.scopes[-1].failed:
+            await trio.lowlevel.checkpoint()
+            raise TransactionFailed(
+                f"transaction is failed ({self.scopes[-1].reason}); it can only be rolled back; "
+                f"refusing to run {name}" + (f": {short(query)}" if query else ""),
+                pool=self.reporter.name,
+            )
+        rep = self.reporter
+        self.op_task = trio.lowlevel.current_task()
+        started = time.perf_counter() if rep.hook is not None else 0.0
+        error: BaseException | None = None
+        result: Any = None
+        try:
+            if self.interrupted or self.needs_reset:
+                # Inside the guarded region: another task cannot start a call meanwhile.
+                await self.recover_inline()
+            if not self.guarded:
+                # Hot path: no deadline can fire during this call. A revocation (shutdown) then
+                # relies on the driver's kill-safe close(), which fails the call promptly.
+                result = await fn(*args)
+                return result  # type: ignore[no-any-return]
+            with trio.CancelScope() as scope:
+                self.op_scope = scope
+                timeout = self.limits.query_timeout
+                if timeout is not None:
+                    scope.deadline = trio.current_time() + timeout
+                result = await fn(*args)
+            if scope.cancelled_caught:
+                # Our own scope was cancelled: revocation, or the query timeout.
+                self.interrupted = True
+                self.fail_all(f"{name} was interrupted")
+                if self.revoked is not None:
+                    raise self._lost()
+                rep.query_timed_out()
+                raise QueryTimeout(
+                    f"{name} took longer than query_timeout={timeout}s and was "
+                    "cancelled" + (f": {short(query)}" if query else ""),
+                    pool=rep.name,
+                )
+            return result  # type: ignore[no-any-return]
+        except trio.Cancelled as exc:
+            self.interrupted = True
+            self.fail_all(f"{name} was cancelled")
+            error = exc
+            raise
+        except drv.ConnectionLost as exc:
+            error = exc
+            if isinstance(exc, ConnectionLost):
+                raise
+            self.broken = True
+            if self.revoked is not None:
+                raise self._lost() from exc
+            self.fail_all("the connection was lost")
+            raise self._lost(
+                rep.scrub(f"connection lost during {name}: {exc}")
+            ) from exc
+        except drv.DatabaseError as exc:
+            error = _query_error(rep, exc, query)
+            if self.scopes and self.conn.status() == "idle":
+                # The database ended the transaction by itself (SQLite does, for some errors):
+                # later statements would autocommit. Nothing more may run in this transaction.
+                self.fail_all("the database rolled the transaction back after an error")
+            raise error from (exc.__cause__ or exc)
+        except (ValueError, TypeError) as exc:
+            if self.conn.status() == "unknown":
+                error = exc
+                self.broken = True
+                self.fail_all(f"{name} failed unexpectedly")
+                raise
+            # Refused before any I/O (a bad isolation level, mode or parameter): the
+            # connection is untouched and stays usable.
+            error = ConfigError(rep.scrub(f"{name} refused its arguments: {exc}"),
+                                pool=rep.name)
+            raise error from exc
+        except BaseException as exc:
+            error = exc
+            if not isinstance(exc, PoolError):
+                # Unknown failure inside the driver: protocol state unknown, replace the connection.
+                self.broken = True
+                self.fail_all(f"{name} failed unexpectedly")
+            raise
+        finally:
+            self.op_finished()
+            if rep.hook is not None:
+                rep.log(
+                    LogEntry(
+                        pool=rep.name,
+                        call=name,
+                        connection=self.actor.index,
+                        query=query,
+                        params=rep.log_params_of(params),
+                        pool_time=self.checkout_wait if oneshot else None,
+                        connection_time=time.perf_counter() - started,
+                        result=_result_size(result) if error is None else None,
+                        error=rep.safe_error(error),
+                    ),
+                )
+
+    async def recover_inline(self) -> None:
+        """The client caught a cancellation (or a query timeout) and goes on using the lease:
+        cancel and drain what was interrupted, roll back what was open, bounded; the transaction,
+        if any, is failed."""
+        self.fail_all("an interrupted call forced a rollback")
+        try:
+            clean = await restore_idle(
+                self.conn, interrupted=self.interrupted, timeout=self.limits.cleanup_timeout
+            )
+        except drv.ConnectionLost as exc:
+            self.broken = True
+            text = f"recovery after an interrupted call: {exc}"
+            raise self._lost(self.reporter.scrub(text)) from exc
+        if not clean:
+            self.broken = True
+            raise self._lost("the connection could not be recovered after an interrupted call")
+        self.interrupted = False
+        self.needs_reset = False
+
+    async def cleanup(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        """A rollback on an exception exit path, bounded by ``cleanup_timeout``.
+
+        Deliberately not shielded: if a cancellation arrives now, the call is interrupted, the
+        lease is marked dirty and the actor finishes the rollback in its own task, so the
+        cancelled client is never delayed by recovery and the connection is never handed out
+        with the transaction open. Failures mark the lease dirty instead of masking the
+        exception being handled."""
+        if self.revoked is not None or self.broken:
+            return
+        if (
+            self.interrupted
+            or self.op_task is not None
+            or trio.current_effective_deadline() == -math.inf
+        ):
+            # Interrupted, or our task is already cancelled (the I/O would only raise
+            # Cancelled and mask the exception being handled): the actor rolls back.
+            self.needs_reset = True
+            return
+        with trio.move_on_after(self.limits.cleanup_timeout) as scope:
+            try:
+                await self.call(name, fn, check_failed=False)
+            except PoolError:
+                self.needs_reset = True
+        if scope.cancelled_caught:
+            self.needs_reset = True
+
+
+def _result_size(result: Any) -> Any:
+    if isinstance(result, list):
+        return len(result)
+    if isinstance(result, int):
+        return result
+    return None
+
+
+def _query_error(rep: Reporter, exc: drv.DatabaseError, query: str | None) -> QueryError:
+    sqlstate = exc.sqlstate
+    cls: type[QueryError] = QueryError
+    if exc.kind == "integrity" or (sqlstate is not None and sqlstate.startswith("23")):
+        cls = IntegrityError
+    elif exc.kind == "serialization" or sqlstate in _SERIALIZATION_STATES:
+        cls = SerializationFailure
+    text = exc.message
+    if sqlstate:
+        text += f" (SQLSTATE {sqlstate})"
+    if query:
+        text += f" in query: {short(query)}"
+    return cls(rep.scrub(text), pool=rep.name, sqlstate=sqlstate, query=query)
