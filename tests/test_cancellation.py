@@ -3,28 +3,30 @@
 For each point: the cancelled task returns at once, *while the actor's recovery is still blocked*
 (so it was not delayed by it); no lease is lost; the pool returns to all-idle; the next client gets
 a clean connection; nothing is ever committed.
+
+Then one handle in several tasks: a call still in flight in another task when the block ends, or
+two tasks racing on an interrupted handle, never lends or drives the connection twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from helpers import gate_step, hang, hold_until, ops, settle
 
 from actors.driver import ConnectionLost as DriverLost
-from actors.scripted import Call, ScriptedDriver, blocking
-from supervisor import Pool, QueryTimeout, SafetyLimits, open_pool
-
-
-def hang(entered: trio.Event) -> Callable[[Call], Awaitable[Any]]:
-    async def step(call: Call) -> Any:
-        entered.set()
-        await trio.sleep_forever()
-
-    return step
+from actors.scripted import ScriptedDriver, blocking
+from supervisor import (
+    Connection,
+    Pool,
+    PoolError,
+    QueryTimeout,
+    SafetyLimits,
+    open_pool,
+)
 
 
 async def body_begin(pool: Pool) -> None:
@@ -88,10 +90,6 @@ POINTS = {
 }
 
 
-async def settle() -> None:
-    await trio.testing.wait_all_tasks_blocked()
-
-
 @pytest.mark.parametrize("op", sorted(POINTS))
 async def test_cancel_mid_call_is_prompt_and_pool_heals(op: str) -> None:
     driver = ScriptedDriver()
@@ -126,7 +124,7 @@ async def test_cancel_mid_call_is_prompt_and_pool_heals(op: str) -> None:
             assert conn.status() == "idle"
             await conn.execute("next client")
         assert pool.statistics().idle == 1
-    conn_ops = driver.ops(exclude={"ping", "connect", "close"})
+    conn_ops = ops(driver)
     assert "commit" not in conn_ops[: conn_ops.index("reset")] or op == "commit"
     assert "cancel" in conn_ops  # the server was told to stop what it was doing
     assert conn_ops.index("cancel") < conn_ops.index("reset")
@@ -137,16 +135,9 @@ async def test_cancel_while_waiting_in_queue_loses_no_lease() -> None:
     driver = ScriptedDriver()
     async with open_pool(driver, size=1) as pool:
         release = trio.Event()
-        holding = trio.Event()
-
-        async def holder() -> None:
-            async with pool.run():
-                holding.set()
-                await release.wait()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(holder)
-            await holding.wait()
+            await nursery.start(hold_until, pool, release)
             with trio.move_on_after(0.01) as scope:
                 async with pool.run():
                     pytest.fail("must not get a connection")  # pragma: no cover
@@ -179,7 +170,7 @@ async def test_cancel_in_user_code_inside_transaction_rolls_back_in_actor() -> N
         assert tx.committed is False
         await settle()
         assert pool.statistics().idle == 1
-    conn_ops = driver.ops(exclude={"ping", "connect", "close"})
+    conn_ops = ops(driver)
     assert conn_ops == ["begin", "execute", "reset"]  # no cancel needed: no call was in flight
 
 
@@ -238,7 +229,7 @@ async def test_client_that_catches_cancellation_and_continues_gets_recovery_firs
             assert conn.status() == "error"
             assert await conn.execute("after") == 0
             assert conn.status() == "idle"
-    conn_ops = driver.ops(exclude={"ping", "connect", "close"})
+    conn_ops = ops(driver)
     assert conn_ops == ["execute", "cancel", "reset", "execute"]
 
 
@@ -263,18 +254,13 @@ async def test_cancelled_waiter_never_receives_a_connection_later() -> None:
             got = trio.Event()
             waiter_scope = trio.CancelScope()
 
-            async def holder(got: trio.Event, task_status: trio.TaskStatus[None]) -> None:
-                async with pool.run():
-                    task_status.started()
-                    await got.wait()
-
             async def waiter(scope: trio.CancelScope) -> None:
                 with scope:
                     async with pool.run():
                         pass
 
             async with trio.open_nursery() as nursery:
-                await nursery.start(holder, got)
+                await nursery.start(hold_until, pool, got)
                 nursery.start_soon(waiter, waiter_scope)
                 await settle()
                 got.set()  # the holder returns: the connection goes to the waiter...
@@ -282,3 +268,67 @@ async def test_cancelled_waiter_never_receives_a_connection_later() -> None:
             await settle()
             stats = pool.statistics()
             assert (stats.idle, stats.busy, stats.waiting) == (1, 0, 0)
+
+
+# -- one handle, several tasks --------------------------------------------------------------------
+
+
+async def test_block_exit_with_call_in_flight_in_other_task_does_not_lend_it_twice() -> None:
+    driver = ScriptedDriver()
+    entered, gate = trio.Event(), trio.Event()
+    driver.script("execute", gate_step(entered, gate, 7))
+    child_result: list[Any] = []
+    async with open_pool(driver, size=1, name="twice") as pool:
+        async with trio.open_nursery() as nursery:
+
+            async def child(conn: Connection) -> None:
+                try:
+                    child_result.append(await conn.execute("update t set x = 1"))
+                except PoolError as exc:  # ConnectionLost / PoolError would be correct
+                    child_result.append(exc)
+
+            async with pool.run() as conn:
+                nursery.start_soon(child, conn)
+                await entered.wait()  # the child is now inside execute on connection #1
+            # The block ended with the child's call still in flight.
+            await settle()
+            in_flight = not gate.is_set() and not child_result
+            async with pool.run(queue=False) as other:
+                await other.execute("next client")
+            used = driver.calls[-1].conn
+            gate.set()
+    # The next client must never run on connection #1 while the child's call is in flight on it.
+    assert not (in_flight and used == 1), (
+        f"connection #1 lent to a second client while a call was in flight; child got "
+        f"{child_result!r}; ops {driver.ops(1)}"
+    )
+
+
+async def test_two_tasks_on_an_interrupted_handle_do_not_interleave() -> None:
+    driver = ScriptedDriver()
+    driver.script("execute", blocking(trio.Event()))  # hangs until cancelled
+    reset_gate = trio.Event()
+    driver.script("reset", blocking(reset_gate))
+    async with open_pool(driver, size=1, name="race") as pool:
+        async with pool.run() as conn:
+            with trio.move_on_after(0.02):
+                await conn.execute("stuck")  # interrupted: the next call recovers inline
+            refused: list[PoolError] = []
+            done: list[int] = []
+
+            async def use(n: int) -> None:
+                try:
+                    await conn.execute(f"work {n}")
+                    done.append(n)
+                except PoolError as exc:
+                    refused.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(use, 1)
+                await settle()  # task 1 is inside recover_inline (reset blocked)
+                nursery.start_soon(use, 2)
+                await settle()
+                reset_gate.set()
+    conn_ops = driver.ops(1, exclude={"ping"})
+    # Task 2 ran cancel/reset/execute on the connection while task 1 was mid-reset.
+    assert len(refused) == 1, f"no PoolError for concurrent use; ops {conn_ops}, done {done}"

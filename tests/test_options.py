@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from helpers import held
 
 import supervisor
 from actors.driver import ConnectionLost as DriverConnectionLost
@@ -235,6 +237,11 @@ def test_bad_safety_limits_raise_value_error_naming_the_field(
         SafetyLimits(**fields)
 
 
+def test_bad_limits_raise_config_error() -> None:
+    with pytest.raises(ConfigError, match="hold_timeout"):
+        open_pool(ScriptedDriver(), size=1, limits=SafetyLimits(hold_timeout=-1))
+
+
 def test_safety_limits_unlimited_and_edge_values() -> None:
     unlimited = SafetyLimits.unlimited()
     assert unlimited.checkout_timeout is None
@@ -454,20 +461,11 @@ async def test_password_never_in_repr_errors_or_log_messages(
             async with pool.run() as conn:
                 await conn.fetch_all("select 2")
         errors.append(lost.value)
-        release = trio.Event()
-
-        async def holder(task_status: trio.TaskStatus[None]) -> None:
-            async with pool.run():
-                task_status.started()
-                await release.wait()
-
-        async with trio.open_nursery() as nursery:
-            await nursery.start(holder)
+        async with held(pool):
             with pytest.raises(CheckoutTimeout) as timeout:
                 async with pool.run(timeout=0.5):
                     pass  # pragma: no cover
             errors.append(timeout.value)
-            release.set()
         assert SECRET not in repr(pool)
         assert SECRET not in repr(pool.statistics())
     assert SECRET not in repr(driver)
@@ -527,6 +525,29 @@ async def test_password_not_in_pool_closed_after_give_up(
     for entry in entries:
         for text in texts_of(entry):
             assert SECRET not in text, entry
+
+
+async def test_pool_failure_chain_built_by_the_pool_has_no_password() -> None:
+    secret = "hunter2-s3cret"
+    driver = ScriptedDriver(options={"password": secret})
+    driver_error = DriverConnectionLost(f"could not connect: password={secret} rejected")
+    driver.script("connect", driver_error)
+    with pytest.raises(PoolClosed) as info:
+        async with open_pool(
+            driver, size=1, name="sec", backoff=Backoff(kind="stop"), max_restarts=0
+        ):
+            await trio.sleep_forever()
+    assert secret not in str(info.value)
+    chain: list[BaseException] = []
+    exc: BaseException | None = info.value
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    own = [e for e in chain if e is not driver_error]  # the driver's own text is its business
+    leaked = [e for e in own if secret in str(e)]
+    assert not leaked, f"pool-built exceptions carrying the secret: {leaked!r}\n" + "".join(
+        traceback.format_exception(info.value)
+    )
 
 
 async def test_password_not_in_log_entry_errors(autojump_clock: trio.testing.MockClock) -> None:

@@ -8,12 +8,11 @@ the pool's admission rules with the scripted driver and the autojump clock: FIFO
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
+from helpers import held, hold_until, settle
 
 from actors.scripted import ScriptedDriver
 from supervisor import (
@@ -247,30 +246,6 @@ def test_minimum_wait_is_tracked_while_slow_too() -> None:
 
 
 # -- pool level -----------------------------------------------------------------------------------
-
-
-async def settle() -> None:
-    await trio.testing.wait_all_tasks_blocked()
-
-
-@asynccontextmanager
-async def held(pool: Pool, n: int = 1) -> AsyncIterator[None]:
-    """Hold ``n`` connections, each in its own task (a pool is re-entrant per task, so the test
-    task itself could not take a second one), until the block ends."""
-    release = trio.Event()
-
-    async def holder(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with pool.run():
-            task_status.started()
-            await release.wait()
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(n):
-            await nursery.start(holder)
-        try:
-            yield
-        finally:
-            release.set()
 
 
 async def test_waiters_are_served_in_fifo_order(autojump_clock: trio.testing.MockClock) -> None:
@@ -516,12 +491,8 @@ async def test_poll_drops_waiters_when_nothing_comes_back(
 
         release = trio.Event()
 
-        async def holder() -> None:
-            async with pool.run():
-                await release.wait()
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(holder)
+            nursery.start_soon(hold_until, pool, release)
             await settle()
             for _ in range(3):
                 nursery.start_soon(waiter)
@@ -600,11 +571,6 @@ async def test_closing_the_pool_fails_waiters_with_pool_closed(
             ScriptedDriver(), size=1, name="closing", limits=SafetyLimits(shutdown_grace=1)
         ) as pool:
 
-            async def holder(task_status: trio.TaskStatus[None]) -> None:
-                async with pool.run():
-                    task_status.started()
-                    await release.wait()
-
             async def waiter() -> None:
                 try:
                     async with pool.run():
@@ -612,7 +578,7 @@ async def test_closing_the_pool_fails_waiters_with_pool_closed(
                 except PoolClosed as exc:
                     errors.append(exc)
 
-            await nursery.start(holder)
+            await nursery.start(hold_until, pool, release)
             nursery.start_soon(waiter)
             await settle()
             assert pool.statistics().waiting == 1

@@ -147,6 +147,27 @@ async def test_immediate_mode_and_busy_is_serialization_failure(db_path: str) ->
         assert await loser.fetch_val("SELECT count(*) FROM t") == 1
 
 
+async def test_failed_commit_sqlite_later_statement_is_not_lost(tmp_path: Path) -> None:
+    path = str(tmp_path / "busy.db")
+    with sqlite3.connect(path) as raw:
+        raw.execute("create table t (v)")
+    raw.close()
+    busy = url(path, wal="off", timeout=0.1)
+    async with open_pool(busy, size=1, name="A") as a, open_pool(busy, size=1, name="B") as b:
+        async with a.run() as conn:
+            async with b.transaction() as reader:
+                await reader.fetch_all("select * from t")  # holds SQLite's SHARED lock
+                with pytest.raises(SerializationFailure):  # COMMIT is busy
+                    async with conn.transaction() as tx:
+                        await tx.execute("insert into t values (1)")
+            # The reader is gone; the outermost block ended: this is an autocommit statement.
+            await conn.execute("insert into t values (2)")  # reported as done
+    with sqlite3.connect(path) as raw:
+        rows = raw.execute("select v from t").fetchall()
+    raw.close()
+    assert rows == [(2,)], f"the statement after the failed block was lost: {rows}"
+
+
 async def test_run_transaction_retries_a_busy_database(db_path: str) -> None:
     release = trio.Event()
     attempts = 0

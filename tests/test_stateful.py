@@ -31,6 +31,7 @@ from typing import Any
 import hypothesis.strategies as st
 import trio
 import trio.testing
+from helpers import settle
 from hypothesis import HealthCheck, given, settings
 
 import supervisor
@@ -46,7 +47,7 @@ from supervisor import (
     TransactionFailed,
     open_pool,
 )
-from supervisor.handles import Session
+from supervisor.session import Session
 
 
 class Boom(Exception):
@@ -291,7 +292,7 @@ class Harness:
         assert stats.waiting == sum(1 for c in self.clients if c.state == "waiting")
         if stats.idle:
             assert stats.waiting == 0
-        assert pool._leases_out == len(inside)
+        assert pool._lender.leases_out == len(inside)
 
         # No connection lent twice.
         conns = [id(c.conn) for c in inside]
@@ -305,7 +306,7 @@ class Harness:
             if not c.killed:
                 assert c.conn is not None and not c.conn.closed
 
-        for actor in pool._actors.values():
+        for actor in pool._lender.actors():
             if actor.state == "idle":
                 assert actor.conn is not None
                 assert not actor.conn.closed  # type: ignore[attr-defined]
@@ -356,10 +357,6 @@ class Harness:
         raise AssertionError(f"clients never finished: {stuck}")
 
 
-async def settle() -> None:
-    await trio.testing.wait_all_tasks_blocked()
-
-
 async def run_example(config: Config, ops: list[tuple[Any, ...]]) -> None:
     clock = trio.lowlevel.current_clock()
     assert isinstance(clock, trio.testing.MockClock)
@@ -408,7 +405,7 @@ async def run_example(config: Config, ops: list[tuple[Any, ...]]) -> None:
                 0,
             ), stats
             assert config.lowest <= stats.size <= config.size
-            assert pool._leases_out == 0
+            assert pool._lender.leases_out == 0
             assert stats.checkouts == sum(1 for c in harness.clients if c.served_seq is not None)
             # Closing may wait (grace periods, bounded cleanups): let time run from here on.
             clock.autojump_threshold = 0

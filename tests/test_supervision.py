@@ -8,11 +8,13 @@ import itertools
 import pytest
 import trio
 import trio.testing
+from helpers import hold_until
 
 from actors.driver import ConnectionLost as DriverLost
 from actors.scripted import Call, ScriptedDriver
 from supervisor import (
     Backoff,
+    Connection,
     ConnectionLost,
     LogEntry,
     PoolClosed,
@@ -119,6 +121,24 @@ async def test_body_exception_comes_out_as_itself() -> None:
     assert type(info.value) is KeyError
 
 
+async def test_users_own_exception_group_comes_out_as_itself() -> None:
+    driver = ScriptedDriver()
+    mine = ExceptionGroup("mine", [ValueError("a")])
+    with pytest.raises(BaseException) as info:
+        async with open_pool(driver, size=1, name="eg"):
+            raise mine
+    assert info.value is mine, f"got {info.value!r}"
+
+
+async def test_users_own_multi_exception_group_is_not_wrapped() -> None:
+    driver = ScriptedDriver()
+    mine = ExceptionGroup("mine", [ValueError("a"), KeyError("b")])
+    with pytest.raises(BaseException) as info:
+        async with open_pool(driver, size=1, name="eg2"):
+            raise mine
+    assert info.value is mine, f"got {info.value!r}"
+
+
 async def test_shutdown_closes_every_connection_and_leaks_no_task() -> None:
     driver = ScriptedDriver()
     async with open_pool(driver, size=3) as pool:
@@ -189,11 +209,6 @@ async def test_waiters_get_pool_closed_at_shutdown() -> None:
     async with trio.open_nursery() as nursery:
         async with open_pool(driver, size=1, limits=SafetyLimits(shutdown_grace=0)) as pool:
 
-            async def holder(task_status: trio.TaskStatus[None]) -> None:
-                async with pool.run():
-                    task_status.started()
-                    await release.wait()
-
             async def waiter() -> None:
                 try:
                     async with pool.run():
@@ -201,12 +216,26 @@ async def test_waiters_get_pool_closed_at_shutdown() -> None:
                 except PoolClosed as exc:
                     errors.append(exc)
 
-            await nursery.start(holder)
+            await nursery.start(hold_until, pool, release)
             nursery.start_soon(waiter)
             await trio.testing.wait_all_tasks_blocked()
             assert pool.statistics().waiting == 1
         assert len(errors) == 1 and "closing" in str(errors[0])
         release.set()
+
+
+async def test_shutdown_during_after_connect_closes_the_new_connection() -> None:
+    driver = ScriptedDriver()
+    entered = trio.Event()
+
+    async def hook(conn: Connection) -> None:
+        entered.set()
+        await trio.sleep_forever()
+
+    async with open_pool(driver, size=1, name="ac", after_connect=hook):
+        await entered.wait()
+    assert len(driver.connections) == 1
+    assert driver.live == [], "a connection was leaked by the closed pool"
 
 
 async def test_log_entries_for_queries_with_params_redacted() -> None:

@@ -9,13 +9,13 @@ revocation and the hold-deadline verbs (adjust_timeout / reset_timeout), ``kill(
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from helpers import hang, held, settle
 
 import supervisor
 from actors.driver import ConnectionLost as DriverConnectionLost
@@ -55,10 +55,6 @@ class Recorder:
         await event.wait()
 
 
-async def settle() -> None:
-    await trio.testing.wait_all_tasks_blocked()
-
-
 def timed(times: list[float]) -> Callable[[Call], Coroutine[Any, Any, None]]:
     """A script step that records when it ran and succeeds."""
 
@@ -67,24 +63,6 @@ def timed(times: list[float]) -> Callable[[Call], Coroutine[Any, Any, None]]:
         await trio.lowlevel.checkpoint()
 
     return step
-
-
-@asynccontextmanager
-async def hold_in_task(pool: Pool) -> AsyncIterator[trio.Event]:
-    """Hold one connection in another task until the yielded event is set (or the block ends)."""
-    release = trio.Event()
-
-    async def holder(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with pool.run():
-            task_status.started()
-            await release.wait()
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(holder)
-        try:
-            yield release
-        finally:
-            release.set()
 
 
 def assert_all_idle(pool: Pool, size: int) -> None:
@@ -470,12 +448,7 @@ async def test_kill_from_another_task_interrupts_the_holder_in_flight(
 ) -> None:
     driver = ScriptedDriver()
     started = trio.Event()
-
-    async def stuck(call: Call) -> None:
-        started.set()
-        await trio.sleep_forever()
-
-    driver.script("execute", stuck)
+    driver.script("execute", hang(started))
     async with open_pool(driver, size=1, idle_interval=100) as pool:
         handles: list[supervisor.Connection] = []
         outcome: list[BaseException] = []
@@ -540,7 +513,7 @@ async def test_disconnect_all_replaces_busy_connections_on_return_and_fails_no_c
     log = Recorder()
     done = 0
     async with open_pool(driver, size=4, log=log, idle_interval=100, name="failover") as pool:
-        async with hold_in_task(pool) as release:  # busy across the whole interval
+        async with held(pool) as release:  # busy across the whole interval
             await settle()
             await pool.disconnect_all(2.0)
 

@@ -6,29 +6,28 @@ assertion on the recorded sequence, not on a side effect.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
+from helpers import QUIET, gate_step, held, ops, settle
 
 from actors.driver import ConnectionLost as DriverLost
 from actors.driver import DatabaseError, TransactionOptions
-from actors.scripted import ScriptedDriver
+from actors.scripted import Call, ScriptedConnection, ScriptedCursor, ScriptedDriver
 from supervisor import (
     CardinalityError,
     ConfigError,
     IntegrityError,
     PoolError,
     QueryError,
+    QueueDropped,
     Rollback,
     SerializationFailure,
+    Transaction,
     TransactionFailed,
     open_pool,
 )
-
-QUIET = {"ping", "connect", "close"}
-
-
-def ops(driver: ScriptedDriver) -> list[str]:
-    return driver.ops(exclude=QUIET)
 
 
 async def test_outermost_commit_on_normal_exit() -> None:
@@ -243,6 +242,30 @@ async def test_failing_commit_raises_and_connection_stays_usable() -> None:
         assert len(driver.connections) == 1
 
 
+async def test_failed_commit_in_held_lease_leaves_no_open_transaction() -> None:
+    driver = ScriptedDriver()
+
+    async def busy_commit(call: Call) -> None:
+        # What SQLite does on SQLITE_BUSY at COMMIT: the transaction stays open.
+        driver.connections[0].forced_status = "transaction"
+        raise DatabaseError("database is locked", kind="serialization")
+
+    async def rollback(call: Call) -> None:
+        driver.connections[0].forced_status = None  # ROLLBACK ends it, as on SQLite
+
+    driver.script("commit", busy_commit)
+    driver.script("rollback", rollback)
+    async with open_pool(driver, size=1, name="commit") as pool:
+        async with pool.run() as conn:
+            with pytest.raises(SerializationFailure):
+                async with conn.transaction() as tx:
+                    await tx.execute("insert into t values (1)")
+            # The outermost transaction block is over: the connection must be out of it.
+            status = conn.status()
+            conn_ops = driver.ops(1)
+    assert status == "idle", f"transaction still open after the block ended; ops {conn_ops}"
+
+
 async def test_serialization_failure_classified() -> None:
     driver = ScriptedDriver()
     driver.script(
@@ -276,6 +299,23 @@ async def test_run_transaction_retries_serialization_failures() -> None:
         with pytest.raises(SerializationFailure):
             await pool.run_transaction(work, 1, retries=2)
     assert driver.ops().count("commit") == 6
+
+
+async def test_run_transaction_rollback_does_not_rerun_fn() -> None:
+    driver = ScriptedDriver()
+    runs = 0
+    async with open_pool(driver, size=1, name="rt") as pool:
+
+        async def fn(tx: Transaction) -> str:
+            nonlocal runs
+            runs += 1
+            if runs > 1:
+                raise RuntimeError(f"fn re-run {runs} times after tx.rollback()")
+            tx.rollback("nothing to do")
+
+        with trio.fail_after(5):
+            result = await pool.run_transaction(fn)
+    assert runs == 1 and result is None
 
 
 async def test_status_values() -> None:
@@ -314,6 +354,19 @@ async def test_options_reach_begin_and_nested_options_rejected() -> None:
                     pass  # pragma: no cover
     begin = next(c for c in driver.calls if c.op == "begin")
     assert begin.args[0] == TransactionOptions("serializable", True, "immediate")
+
+
+async def test_bad_isolation_is_a_config_error_and_keeps_the_connection() -> None:
+    driver = ScriptedDriver()
+    driver.script("begin", ValueError("unknown isolation level 'bogus'"))
+    async with open_pool(driver, size=1, name="iso") as pool:
+        with pytest.raises(ValueError) as info:
+            async with pool.transaction(isolation="bogus"):
+                pass  # pragma: no cover
+        await settle()
+        stats = pool.statistics()
+    assert isinstance(info.value, ConfigError) and "'iso'" in str(info.value), repr(info.value)
+    assert stats.connects == 1 and stats.disconnects == 0, stats
 
 
 async def test_run_inside_transaction_reuses_connection_and_transaction() -> None:
@@ -368,17 +421,52 @@ async def test_handle_after_block_raises_pool_error() -> None:
             conn.status()
 
 
+async def test_reused_transaction_block_does_not_touch_a_returned_connection() -> None:
+    driver = ScriptedDriver()
+    async with open_pool(driver, size=1, name="reuse") as pool:
+        block = pool.transaction()
+        async with block:
+            pass
+        entered_again = False
+        async with held(pool):
+            # The only connection is held by another task; entering must wait (or refuse).
+            with trio.move_on_after(0.2):
+                try:
+                    async with block:
+                        entered_again = True
+                except PoolError:
+                    pass
+    assert not entered_again, f"ran on a connection lent to another task: {driver.ops(1)}"
+
+
+async def test_reused_run_block_does_not_return_the_outer_lease() -> None:
+    driver = ScriptedDriver()
+    async with open_pool(driver, size=1, name="rb") as pool:
+        block = pool.run()
+        async with block:
+            pass
+        async with pool.run() as outer:
+            with pytest.raises(PoolError, match="entered only once"):
+                async with block:  # a block object is single-use
+                    pass  # pragma: no cover
+
+            # outer still holds its connection: no other task may get it now (the same task
+            # would re-enter outer's lease, so the check runs in a child task)
+            async def other() -> None:
+                with pytest.raises(QueueDropped):
+                    async with pool.run(queue=False):
+                        pass  # pragma: no cover
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(other)
+            await outer.execute("still mine")
+
+
 async def test_handle_used_by_two_tasks_at_once_raises() -> None:
     driver = ScriptedDriver()
     started = trio.Event()
     release = trio.Event()
-
-    async def slow(call: object) -> int:
-        started.set()
-        await release.wait()
-        return 1
-
-    driver.script("execute", slow)
+    driver.script("execute", gate_step(started, release, 1))
     async with open_pool(driver, size=1) as pool:
         async with pool.run() as conn, trio.open_nursery() as nursery:
             nursery.start_soon(conn.execute, "first")
@@ -462,6 +550,33 @@ async def test_abandoned_stream_makes_lease_dirty_and_actor_resets() -> None:
         async with pool.run() as conn2:
             assert conn2.status() == "idle"
     assert "reset" in driver.ops()
+
+
+async def test_stream_from_inner_block_never_returns_connection_with_open_cursor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cursors: list[ScriptedCursor] = []
+    original = ScriptedConnection.open_cursor
+
+    async def spy(self: ScriptedConnection, *args: Any) -> ScriptedCursor:
+        cursor = await original(self, *args)
+        cursors.append(cursor)
+        return cursor
+
+    monkeypatch.setattr(ScriptedConnection, "open_cursor", spy)
+    driver = ScriptedDriver()
+    driver.script("open_cursor", [(1,), (2,), (3,)])
+    async with open_pool(driver, size=1, name="stream") as pool:
+        async with pool.run():
+            async with pool.run() as inner:  # re-entrant: same lease
+                stream = inner.stream("select * from big", batch_size=1)
+                assert await stream.__anext__() == (1,)
+            await stream.aclose()  # returns quietly, but does not close the cursor
+        await settle()
+        assert pool.statistics().idle == 1
+    conn_ops = driver.ops(1, exclude={"ping", "close"})
+    # Either the cursor was closed, or the actor reset the connection before reuse.
+    assert cursors[0].closed or "reset" in conn_ops, f"went idle with an open cursor: {conn_ops}"
 
 
 async def test_run_transaction_passes_transaction_options() -> None:
