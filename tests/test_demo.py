@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from supervisor import open_pool
-from supervisor.__main__ import main
-from supervisor.demo import INITIAL, DemoConfig, check_integrity, run_demo
+from supervisor.cli import main
+from supervisor.cli.bank import INITIAL, DemoConfig, check_integrity, run_demo
 
 ROOT = Path(__file__).resolve().parent.parent
 

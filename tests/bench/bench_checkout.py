@@ -6,7 +6,7 @@ works from an installed package too.
 
 import sys
 
-from supervisor.bench import run
+from supervisor.cli.bench import run
 
 if __name__ == "__main__":
     raise SystemExit(run(int(sys.argv[1]) if len(sys.argv) > 1 else 20000))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.__main__ import main
+from supervisor.cli import main
 
 
 @pytest.mark.parametrize("faults", ["none", "heavy"])

@@ -1,81 +1,59 @@
-"""``python -m supervisor demo``: a bank-transfer workload run while faults are injected on purpose.
+"""The bank of ``python -m supervisor demo``: its workload, its fault schedule and its
+integrity check.
 
-Why it exists: to show, on a real database, that the pool loses nothing when connections die,
-leases are revoked, clients are cancelled mid-transaction and the driver fails at random; and to
-give users a template for their own fault-injection checks.
-
-The workload: ``accounts`` accounts start with ``INITIAL`` each, so the total is known. ``clients``
-tasks run transfers, each one transaction made of nested blocks:
-
-* the outer ``pool.transaction()`` (``BEGIN IMMEDIATE`` on SQLite: writers queue on the lock
-  instead of failing on a stale snapshot);
-* a ``tx.transaction(savepoint=True)`` block per leg (debit, credit); an overdraft violates a
-  CHECK constraint inside the debit savepoint, which rolls back to it, and the client then rolls
-  the whole transfer back with ``tx.rollback("insufficient funds")``;
-* sometimes a fee leg in a savepoint that is rolled back on purpose (``fee.rollback()``): its
-  writes must vanish while the transfer goes on;
-* a flat ``tx.transaction()`` block that writes the ledger row, keyed by the transfer id;
-* sometimes ``tx.rollback("audit veto")`` at the end, on purpose.
-
-Faults (``--faults some`` / ``heavy``): random driver errors and lost connections through
-:class:`actors.faults.FaultDriver` (including COMMITs that happen but whose reply is lost), clients
-cancelled after a random short deadline, ``kill()`` of a client's own connection
-mid-transaction, leases revoked by ``hold_timeout`` under slow clients, ``pool.disconnect_all()``,
-simulated server restarts (``FaultDriver.break_all()``) and, when heavy, failing connects and
-pings, slow statements, and driver bugs (an unexpected exception while an actor recovers a
-connection: the connection is replaced).
-
-The integrity check reads the database with a fresh, fault-free pool. It does not trust the
-clients: a client cancelled mid-COMMIT, or whose COMMIT reply was lost, cannot know whether its
-transfer committed. What must hold is: the total balance is unchanged; every account's balance
-equals its initial balance plus the ledger rows into it minus those out of it (so every committed
-transfer has exactly one ledger row, and no ledger row lacks its transfer); every transfer a
-client saw committed is in the ledger; no transfer whose every attempt failed before COMMIT was
-sent (rolled back on purpose, overdraft, ``kill()``, revocation, any error inside the block) is.
-Exit status 0 only if all of that holds.
+What the transfers do, which faults are injected and what the check requires is told in
+:mod:`supervisor.cli.demo` (that text is the ``demo --help`` description). This module is the
+application itself, written against the public API only (:mod:`supervisor`,
+:mod:`actors.faults`, :mod:`actors.sqlite`), so that it can serve as a template for a fault
+injection check of one's own. It prints nothing: the live display and the summary are in
+:mod:`supervisor.cli.display`, plugged in through ``run_demo(monitor=...)``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import math
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 import trio
 
 from actors.driver import Driver
 from actors.faults import Fault, FaultDriver, FaultPlan
-from supervisor.backoff import Backoff
-from supervisor.errors import (
+from supervisor import (
+    Backoff,
     ConnectionLost,
     IntegrityError,
+    Pool,
     PoolError,
+    PoolStatistics,
     QueryError,
+    SafetyLimits,
     SerializationFailure,
+    Transaction,
     TransactionFailed,
+    open_pool,
 )
-from supervisor.handles import Transaction
-from supervisor.limits import SafetyLimits
-from supervisor.pool import Pool, PoolStatistics, open_pool
 
 __all__ = [
+    "GOOD_OUTCOMES",
     "INITIAL",
     "LEVELS",
+    "MAX_ATTEMPTS",
     "CheckResult",
     "DemoConfig",
     "DemoResult",
     "FaultLevel",
-    "add_demo_arguments",
+    "FaultsName",
+    "Monitor",
+    "Stats",
+    "Workload",
     "check_integrity",
     "run_demo",
 ]
@@ -146,7 +124,8 @@ LEVELS: dict[str, FaultLevel] = {
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Options of one demo run (the command-line flags)."""
+    """Options of one demo run (the command-line flags; ``progress`` is read by the display,
+    not by :func:`run_demo`)."""
 
     duration: float = 5.0
     clients: int = 8
@@ -176,8 +155,12 @@ class CheckResult:
     problems: list[str] = field(default_factory=list)
 
 
+GOOD_OUTCOMES = frozenset({"committed", "rolled back", "insufficient funds"})
+"""The outcomes of :attr:`Stats.outcomes` that are not failures."""
+
+
 @dataclass
-class _Stats:
+class Stats:
     """Live counters of the workload (single Trio thread: no locking needed)."""
 
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -192,6 +175,7 @@ class _Stats:
     attempted: set[str] = field(default_factory=set)
 
     def committed(self, tid: str, latency: float) -> None:
+        """Record a transfer whose client saw its COMMIT succeed."""
         self.acked.add(tid)
         self.outcomes["committed"] += 1
         self.latencies.append(latency)
@@ -205,7 +189,7 @@ class DemoResult:
     config: DemoConfig
     seed: int
     elapsed: float
-    stats: _Stats
+    stats: Stats
     pool: PoolStatistics | None
     injected: dict[str, int]
     check: CheckResult
@@ -214,14 +198,6 @@ class DemoResult:
     def exit_status(self) -> int:
         """0 when the integrity check holds, 1 otherwise."""
         return 0 if self.check.ok else 1
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
-    return ordered[index]
 
 
 class _Sql:
@@ -263,7 +239,7 @@ async def _create_schema(pool: Pool, sql: _Sql, accounts: int) -> None:
             await tx.execute(sql("INSERT INTO demo_accounts VALUES (?, ?)"), (account, INITIAL))
 
 
-async def check_integrity(pool: Pool, accounts: int, stats: _Stats | None = None) -> CheckResult:
+async def check_integrity(pool: Pool, accounts: int, stats: Stats | None = None) -> CheckResult:
     """Compare balances with the ledger (and, given the run's ``stats``, with what clients were
     told where they can know). Public so that a test can run it on a database it damaged on
     purpose."""
@@ -318,12 +294,12 @@ async def check_integrity(pool: Pool, accounts: int, stats: _Stats | None = None
 
 @dataclass
 class _Attempt:
-    """How far one attempt got: see :meth:`_Workload.transfer_once`."""
+    """How far one attempt got: see :meth:`Workload.transfer_once`."""
 
     body_done: bool = False
 
 
-class _Workload:
+class Workload:
     """The clients, the chaos task and the numbers they produce."""
 
     def __init__(
@@ -335,14 +311,13 @@ class _Workload:
         self.faults = faults
         self.seed = seed
         self.sql = _Sql(config.dsn is not None)
-        self.stats = _Stats()
+        self.stats = Stats()
         self.end = 0.0
         self.outer: dict[str, Any] = {} if config.dsn is not None else {"mode": "immediate"}
-
     async def transfer_once(
         self, attempt: _Attempt, tid: str, src: int, dst: int, amount: int, plan: set[str]
     ) -> Transaction:
-        """One attempt: the nested blocks described in the module docstring.
+        """One attempt: the nested blocks described in :mod:`supervisor.cli.demo`.
 
         ``attempt.body_done`` is set as the last statement of the outer block's body: if the
         attempt fails before that, COMMIT was never sent, so the transfer is certainly not
@@ -490,103 +465,9 @@ class _Workload:
                 self.faults.fail_next("reset", RuntimeError("injected driver bug"))
 
 
-class _Progress:
-    """Live progress: a rich table on a terminal, plain lines otherwise (or nothing)."""
-
-    def __init__(self, work: _Workload, out: TextIO, mode: str) -> None:
-        self.work = work
-        self.out = out
-        if mode == "auto":
-            mode = "rich" if out.isatty() else "plain"
-        if mode == "rich":
-            try:
-                import rich  # noqa: F401
-            except ImportError:
-                mode = "plain"
-        self.mode = mode
-        self.started = time.perf_counter()
-
-    def snapshot(self) -> dict[str, str]:
-        """The numbers shown, formatted."""
-        work = self.work
-        stats = work.stats
-        now = time.perf_counter()
-        while stats.window and stats.window[0][0] < now - 2.0:
-            stats.window.popleft()
-        recent = [lat for _, lat in stats.window]
-        elapsed = now - self.started
-        pool = work.pool.statistics()
-        committed = stats.outcomes["committed"]
-        return {
-            "elapsed": f"{elapsed:.1f}s",
-            "committed": str(committed),
-            "tps": f"{committed / elapsed:.0f}" if elapsed > 0 else "-",
-            "p50": f"{_percentile(recent, 0.50) * 1e3:.1f}ms" if recent else "-",
-            "p99": f"{_percentile(recent, 0.99) * 1e3:.1f}ms" if recent else "-",
-            "rolled back": str(
-                stats.outcomes["rolled back"] + stats.outcomes["insufficient funds"]
-            ),
-            "failed": str(sum(n for k, n in stats.outcomes.items() if k not in _GOOD_OUTCOMES)),
-            "retries": str(stats.retries),
-            "pool": f"{pool.busy} busy/{pool.idle} idle/{pool.connecting} conn/{pool.size}",
-            "waiting": str(pool.waiting),
-            "connects": str(pool.connects),
-            "restarts": str(pool.restarts),
-            "dropped": str(pool.dropped),
-            "revoked": str(pool.revoked),
-            "faults": str(work.faults.count()),
-        }
-
-    def line(self) -> str:
-        """One plain progress line."""
-        return " ".join(f"{k}={v}" for k, v in self.snapshot().items())
-
-    def table(self) -> Any:
-        """The rich renderable: workload numbers on the left, pool numbers on the right."""
-        from rich.table import Table
-
-        snap = self.snapshot()
-        left = [
-            "elapsed",
-            "committed",
-            "tps",
-            "p50",
-            "p99",
-            "rolled back",
-            "failed",
-            "retries",
-        ]
-        right = [key for key in snap if key not in left]
-        table = Table(title="trio-connection-supervisor demo (2 s latency window)")
-        table.add_column("workload")
-        table.add_column("", justify="right")
-        table.add_column("pool")
-        table.add_column("", justify="right")
-        for i in range(max(len(left), len(right))):
-            lk = left[i] if i < len(left) else ""
-            rk = right[i] if i < len(right) else ""
-            table.add_row(lk, snap.get(lk, ""), rk, snap.get(rk, ""))
-        return table
-
-    async def run(self) -> None:
-        """Refresh until cancelled."""
-        if self.mode == "off":
-            return
-        if self.mode == "plain":
-            while True:
-                await trio.sleep(1.0)
-                print(self.line(), file=self.out, flush=True)
-        from rich.console import Console
-        from rich.live import Live
-
-        console = Console(file=self.out)
-        with Live(self.table(), console=console, refresh_per_second=4, transient=False) as live:
-            while True:
-                await trio.sleep(0.25)
-                live.update(self.table())
-
-
-_GOOD_OUTCOMES = frozenset({"committed", "rolled back", "insufficient funds"})
+Monitor = Callable[[Workload], Awaitable[None]]
+"""Something :func:`run_demo` runs beside the clients until they are done (it is cancelled
+then), e.g. :meth:`supervisor.cli.display.Progress.run`."""
 
 
 @contextlib.contextmanager
@@ -604,9 +485,9 @@ def _database_path(config: DemoConfig) -> Iterator[str | None]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def run_demo(config: DemoConfig, out: TextIO | None = None) -> DemoResult:
-    """Run the workload and the integrity check; print progress to ``out`` (stdout)."""
-    out = out if out is not None else sys.stdout
+async def run_demo(config: DemoConfig, monitor: Monitor | None = None) -> DemoResult:
+    """Run the workload and the integrity check, with ``monitor(workload)`` (if given)
+    running alongside the clients."""
     seed = config.seed if config.seed is not None else random.randrange(2**31)
     level = LEVELS[config.faults]
     sql = _Sql(config.dsn is not None)
@@ -634,12 +515,12 @@ async def run_demo(config: DemoConfig, out: TextIO | None = None) -> DemoResult:
             max_restarts=1000,
             seed=seed,
         ) as pool:
-            work = _Workload(config, level, pool, faults, seed)
+            work = Workload(config, level, pool, faults, seed)
             work.end = trio.current_time() + config.duration
-            progress = _Progress(work, out, config.progress)
             with trio.move_on_after(config.duration + 30.0):  # a safety net, not the plan
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(progress.run)
+                    if monitor is not None:
+                        nursery.start_soon(monitor, work)
                     nursery.start_soon(work.chaos)
                     async with trio.open_nursery() as clients:
                         for index in range(config.clients):
@@ -654,183 +535,3 @@ async def run_demo(config: DemoConfig, out: TextIO | None = None) -> DemoResult:
     for (_, what), n in faults.injected.items():
         injected[what] = injected.get(what, 0) + n
     return DemoResult(config, seed, elapsed, work.stats, pool_stats, injected, check)
-
-
-def _summary_rows(result: DemoResult) -> list[tuple[str, str]]:
-    stats, check = result.stats, result.check
-    lat = stats.latencies
-    rows = [
-        ("database", "PostgreSQL" if result.config.dsn else "SQLite"),
-        ("faults / seed", f"{result.config.faults} / {result.seed}"),
-        ("duration", f"{result.elapsed:.2f}s"),
-        ("clients / pool size", f"{result.config.clients} / {result.config.size}"),
-        ("transfers attempted", str(len(stats.attempted))),
-    ]
-    for name, n in sorted(stats.outcomes.items(), key=lambda kv: -kv[1]):
-        rows.append((f"  {name}", str(n)))
-    rows += [
-        ("throughput", f"{stats.outcomes['committed'] / max(result.elapsed, 1e-9):.0f} commits/s"),
-        (
-            "latency p50 / p99",
-            f"{_percentile(lat, 0.5) * 1e3:.1f} / {_percentile(lat, 0.99) * 1e3:.1f} ms"
-            if lat
-            else "-",
-        ),
-        ("serialization retries", str(stats.retries)),
-        ("errors seen by clients", ", ".join(f"{k}={v}" for k, v in stats.errors.items()) or "-"),
-        ("chaos actions", ", ".join(f"{k}={v}" for k, v in stats.chaos.items()) or "-"),
-        ("injected faults", ", ".join(f"{k}={v}" for k, v in result.injected.items()) or "-"),
-    ]
-    if result.pool is not None:
-        p = result.pool
-        rows.append(
-            (
-                "pool",
-                f"checkouts={p.checkouts} connects={p.connects} disconnects={p.disconnects} "
-                f"restarts={p.restarts} revoked={p.revoked} dropped={p.dropped} "
-                f"timeouts={p.timeouts}",
-            )
-        )
-    rows += [
-        ("total balance", f"{check.actual_total} (expected {check.expected_total})"),
-        ("ledger rows", str(check.ledger_rows)),
-        (
-            "uncertain outcomes",
-            f"{check.uncertain} (of which {check.uncertain_committed} had in fact committed)",
-        ),
-        ("integrity check", "PASSED" if check.ok else "FAILED: " + "; ".join(check.problems)),
-    ]
-    return rows
-
-
-def print_summary(result: DemoResult, out: TextIO, rich_output: bool) -> None:
-    """The final table: a rich table on a terminal, aligned plain text otherwise."""
-    rows = _summary_rows(result)
-    if rich_output:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title="demo summary", show_header=False)
-        table.add_column("what", style="bold")
-        table.add_column("value")
-        for key, value in rows:
-            style = None
-            if key == "integrity check":
-                style = "green" if result.check.ok else "red"
-            table.add_row(key, value, style=style)
-        Console(file=out).print(table)
-        return
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}", file=out)
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``demo`` subcommand's flags."""
-    parser.add_argument(
-        "--duration",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="how long clients keep starting transfers (default: 5)",
-    )
-    parser.add_argument(
-        "--clients",
-        type=int,
-        default=8,
-        metavar="N",
-        help="concurrent client tasks running transfers (default: 8)",
-    )
-    parser.add_argument(
-        "--size",
-        type=int,
-        default=4,
-        metavar="N",
-        help="connections in the pool; clients beyond it queue (default: 4)",
-    )
-    parser.add_argument(
-        "--accounts",
-        type=int,
-        default=50,
-        metavar="N",
-        help=f"bank accounts, each starting with {INITIAL} (default: 50)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="seed for the workload and the fault draws (default: random, printed at the end)",
-    )
-    parser.add_argument(
-        "--faults",
-        choices=("none", "some", "heavy"),
-        default="some",
-        help="what to break on purpose: none; some (random driver errors and lost connections, "
-        "lost COMMIT replies, cancelled clients, kill(), hold-timeout revocations, "
-        "disconnect_all, server restarts); heavy (all of that more often, plus failing connects "
-        "and pings, slow statements and driver bugs) (default: some)",
-    )
-    target = parser.add_mutually_exclusive_group()
-    target.add_argument(
-        "--db",
-        metavar="PATH",
-        default=None,
-        help="SQLite database file to use (its demo_* tables are replaced; default: a "
-        "temporary file, deleted afterwards)",
-    )
-    target.add_argument(
-        "--dsn",
-        metavar="postgresql://...",
-        default=None,
-        help="run on PostgreSQL instead of SQLite (its demo_accounts and demo_ledger tables "
-        "are replaced)",
-    )
-    parser.add_argument(
-        "--progress",
-        choices=("auto", "rich", "plain", "off"),
-        default="auto",
-        help="live display: rich on a terminal, plain lines otherwise (default: auto)",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    """Validate the parsed flags into a :class:`DemoConfig` (ValueError naming the flag)."""
-    for name in ("clients", "size", "accounts"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1")
-    if args.accounts < 2:
-        raise ValueError("--accounts must be at least 2 (a transfer needs two accounts)")
-    if not args.duration > 0:
-        raise ValueError("--duration must be a positive number of seconds")
-    if args.dsn is not None and not args.dsn.startswith(("postgresql://", "postgres://")):
-        raise ValueError("--dsn must be a postgresql:// URL")
-    return DemoConfig(
-        duration=args.duration,
-        clients=args.clients,
-        size=args.size,
-        accounts=args.accounts,
-        seed=args.seed,
-        faults=args.faults,
-        db=args.db,
-        dsn=args.dsn,
-        progress=args.progress,
-    )
-
-
-def demo_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Run ``demo`` from parsed arguments; return the exit status."""
-    out = out if out is not None else sys.stdout
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        print(f"python -m supervisor demo: error: {exc}", file=sys.stderr)
-        return 2
-    result = trio.run(run_demo, config, out)
-    rich_output = config.progress == "rich" or (config.progress == "auto" and out.isatty())
-    if rich_output:
-        try:
-            import rich  # noqa: F401
-        except ImportError:
-            rich_output = False
-    print_summary(result, out, rich_output)
-    return result.exit_status
