@@ -45,6 +45,12 @@ class Backoff:
             check_number(f"backoff {field}", getattr(self, field), zero=True, finite=True)
         if self.min > self.max:
             raise ConfigError(f"backoff min ({self.min}) must not exceed max ({self.max})")
+        if self.max == 0 and self.kind != "stop":
+            raise ConfigError(
+                f"Backoff(kind={self.kind!r}, min={self.min}, max={self.max}) would retry a "
+                "failed connect at once, forever (100% CPU): backoff max must be > 0 "
+                "(use kind 'stop' to give up instead)"
+            )
 
     def delays(self, rng: random.Random | None = None) -> Iterator[float]:
         """A fresh, endless (except for ``stop``) iterator of delays in seconds."""

@@ -170,6 +170,14 @@ class Pool(metaclass=_NoPublicConstructor):
         of retry): it runs ``fn`` once as a nested flat block, and the options must be unset.
         """
         check_number("retries", retries, pool=self.name, integer=True, zero=True)
+        if not callable(fn) or (
+            inspect.isfunction(fn) and not inspect.iscoroutinefunction(fn)
+        ):
+            raise ConfigError(
+                "run_transaction needs an async function, called as `await fn(tx, *args)`: "
+                f"define it with `async def`, not {fn!r}",
+                pool=self.name,
+            )
         held = self._lender.held(trio.lowlevel.current_task())
         options: dict[str, Any] = {"isolation": isolation, "read_only": read_only, "mode": mode}
         if held is not None and held.scopes:

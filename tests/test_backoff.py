@@ -420,3 +420,13 @@ async def test_hung_connect_fails_after_connect_timeout_and_backs_off(
     # Attempt at 0 hangs until 3, backoff 1 -> attempt at 4 hangs until 7, backoff 2 -> 9.
     assert times == pytest.approx([0, 4, 9])
     assert [e.call for e in entries].count("connect_failed") == 2
+
+
+@pytest.mark.parametrize("kind", ["exp", "rand", "rand_exp"])
+def test_a_backoff_of_zero_that_would_spin_is_refused_naming_the_fix(kind: str) -> None:
+    with pytest.raises(ValueError, match=r"at once, forever.*max must be > 0.*'stop'"):
+        Backoff(kind, 0, 0)  # type: ignore[arg-type]
+
+
+def test_stop_with_zero_bounds_is_allowed_since_it_never_retries() -> None:
+    assert next(Backoff("stop", 0, 0).delays(), None) is None

@@ -124,14 +124,17 @@ async def test_two_errors_at_once_give_the_body_error_with_the_other_attached() 
 
 async def test_a_keyboard_interrupt_beside_another_error_comes_out_as_keyboard_interrupt() -> None:
     driver = ScriptedDriver()
+    body_waiting = trio.Event()
 
     async def interrupt(call: Any) -> None:
+        await body_waiting.wait()
         raise KeyboardInterrupt
 
     driver.script("connect", interrupt)
     with pytest.raises(KeyboardInterrupt) as info:
         async with open_pool(driver, size=1):
             try:
+                body_waiting.set()
                 await trio.sleep_forever()
             except trio.Cancelled:
                 raise ValueError("cleanup failed too") from None
@@ -156,3 +159,15 @@ def test_the_unwrap_rule_on_plain_groups() -> None:
     ki = KeyboardInterrupt()
     mixed = BaseExceptionGroup("nursery", [PoolError("x"), ki])
     assert single_error(mixed, pool="p", body=None, failure=None) is ki
+
+
+async def test_a_keyboard_interrupt_while_the_pool_opens_comes_out_as_itself() -> None:
+    driver = ScriptedDriver()
+
+    async def interrupt(call: Any) -> None:
+        raise KeyboardInterrupt
+
+    driver.script("connect", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        async with open_pool(driver, size=1):
+            await trio.sleep_forever()
