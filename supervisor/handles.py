@@ -366,6 +366,15 @@ class RunBlock:
         self._handle: Connection | None = None
         self._owner = False
 
+    def __await__(self) -> NoReturn:
+        raise TypeError(_not_a_handle(self._pool_name(), "pool.run()", "conn"))
+
+    def __getattr__(self, name: str) -> NoReturn:
+        raise AttributeError(_not_a_handle(self._pool_name(), "pool.run()", "conn", name))
+
+    def _pool_name(self) -> str:
+        return self._lender.name
+
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> Connection:
         if self._handle is not None:
@@ -394,6 +403,15 @@ class RunBlock:
         handle._closed = True
         if self._owner:
             self._lender.checkin(handle._session)
+
+
+def _not_a_handle(pool: str, call: str, var: str, attribute: str | None = None) -> str:
+    what = f" has no {attribute!r}" if attribute else " cannot be awaited"
+    return (
+        f"pool {pool!r}: {call} returns a block, not a connection, so it{what}; use it as "
+        f"`async with {'pool.' if not call.startswith('pool.') else ''}{call} as {var}:` and "
+        f"call {var}.{attribute or 'execute'}(...) inside the block"
+    )
 
 
 _NO_OPTIONS = drv.TransactionOptions()
@@ -445,6 +463,12 @@ class TransactionBlock:
         assert self._lender is not None
         return self._lender.name
 
+    def __await__(self) -> NoReturn:
+        raise TypeError(_not_a_handle(self._pool_name(), "transaction()", "tx"))
+
+    def __getattr__(self, name: str) -> NoReturn:
+        raise AttributeError(_not_a_handle(self._pool_name(), "transaction()", "tx", name))
+
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> Transaction:
         if self._entered:
@@ -489,18 +513,36 @@ class TransactionBlock:
                     self._kind = "flat"
                     self._scope = current
             else:
-                await session.call("begin", session.conn.begin, self._options,
-                                   check_failed=False)
+                session = await self._begin(session)
                 self._kind = "outer"
                 self._scope = TxScope(None)
                 session.scopes.append(self._scope)
         except BaseException:
             if self._owner:
-                assert lender is not None
-                lender.checkin(session)
+                assert self._lender is not None
+                self._lender.checkin(self._session)
             raise
         self._tx = tx = Transaction(session)
         return tx
+
+    async def _begin(self, session: Session) -> Session:
+        """BEGIN; if the connection turns out to be lost (a stale connection, killed while
+        idle), nothing of this transaction has run yet: when this block owns its lease, restart
+        on a fresh connection, once (counted as ``transaction_restarts``)."""
+        try:
+            await session.call("begin", session.conn.begin, self._options, check_failed=False)
+            return session
+        except ConnectionLost:
+            if not self._owner or self._lender is None:
+                raise
+            lender = self._lender
+            lender.checkin(session)  # broken: its actor replaces it
+            self._owner = False
+            lender.reporter.transaction_restarted()
+            session = await lender.checkout(self._timeout, self._queue, schedule=False)
+            self._session, self._owner = session, True
+        await session.call("begin", session.conn.begin, self._options, check_failed=False)
+        return session
 
     @trio.lowlevel.enable_ki_protection
     async def __aexit__(

@@ -58,7 +58,9 @@ class PoolStatistics:
     connecting, backing off after a failure, or being pinged / recovered by its actor.
     ``waiting``: clients queued. Counters since the pool opened: ``checkouts``, ``connects``,
     ``disconnects``, ``restarts`` (actor crashes restarted), ``dropped`` (``QueueDropped``),
-    ``timeouts`` (``CheckoutTimeout``), ``revoked`` (leases taken back), ``query_timeouts``.
+    ``timeouts`` (``CheckoutTimeout``), ``revoked`` (leases taken back), ``query_timeouts``,
+    ``transaction_restarts`` (transactions whose connection was found lost at BEGIN, before
+    anything of them ran, restarted transparently on another connection).
     """
 
     name: str
@@ -77,6 +79,7 @@ class PoolStatistics:
     timeouts: int
     revoked: int
     query_timeouts: int
+    transaction_restarts: int
 
 
 AfterConnect = Callable[[Actor, drv.Connection], Awaitable[None]]
@@ -463,4 +466,5 @@ class Lender:
             timeouts=r.timeouts,
             revoked=r.revoked,
             query_timeouts=r.query_timeouts,
+            transaction_restarts=r.transaction_restarts,
         )

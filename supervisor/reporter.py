@@ -14,6 +14,7 @@ Rules:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, final
 
@@ -42,9 +43,11 @@ class Reporter:
         "last_connect_failure",
         "name",
         "query_timeouts",
+        "recovered_at",
         "restarts",
         "revoked",
         "timeouts",
+        "transaction_restarts",
     )
 
     def __init__(self, name: str, hook: LogHook | None, *, log_params: bool = False) -> None:
@@ -54,6 +57,7 @@ class Reporter:
         self._secrets: list[str] = []
         self.last_connect_error: str | None = None  # while connects are failing
         self.last_connect_failure: tuple[float, str] | None = None  # kept after a good connect
+        self.recovered_at = -math.inf  # the first good connect after failures
         self.checkouts = 0
         self.connects = 0
         self.disconnects = 0
@@ -62,6 +66,7 @@ class Reporter:
         self.timeouts = 0
         self.revoked = 0
         self.query_timeouts = 0
+        self.transaction_restarts = 0
 
     # -- counters -------------------------------------------------------------------------------
 
@@ -80,6 +85,10 @@ class Reporter:
         self.timeouts += 1
         self.log(LogEntry(pool=self.name, call="timeout", pool_time=waited, error=error))
 
+    def transaction_restarted(self) -> None:
+        """A transaction's connection was lost at BEGIN; it restarted on another one."""
+        self.transaction_restarts += 1
+
     def query_timed_out(self) -> None:
         """A statement ran past ``query_timeout``."""
         self.query_timeouts += 1
@@ -90,6 +99,8 @@ class Reporter:
         """Count a lifecycle event of connection ``index`` and pass it to the log hook."""
         if event == "connect":
             self.connects += 1
+            if self.last_connect_error is not None:
+                self.recovered_at = trio.current_time()
             self.last_connect_error = None
         elif event == "connect_failed" and error is not None:
             self.last_connect_error = self.scrub(f"{type(error).__name__}: {error}")
@@ -115,10 +126,11 @@ class Reporter:
             )
 
     def connect_failed_since(self, start: float) -> str | None:
-        """The last connect error, if a connect failed at or after ``start`` (so a request that
-        waited since then was kept waiting by the database, not by the load)."""
+        """The last connect error, if connects were failing at some moment since ``start``
+        (so a request that waited since then was kept waiting by the database, not by the
+        load): a connect failed after ``start``, or the pool recovered only after it."""
         failure = self.last_connect_failure
-        if failure is not None and failure[0] >= start:
+        if failure is not None and (failure[0] >= start or self.recovered_at >= start):
             return failure[1]
         return None
 

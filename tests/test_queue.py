@@ -590,3 +590,38 @@ async def test_closing_the_pool_fails_waiters_with_pool_closed(
 async def _set(event: trio.Event) -> None:
     event.set()
     await trio.lowlevel.checkpoint()
+
+
+async def test_a_shed_waiter_is_told_the_knobs_and_the_numbers_before_the_sweep(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_pool(
+        ScriptedDriver(record=False),
+        size=2,
+        name="shed",
+        limits=SafetyLimits(checkout_timeout=None),
+    ) as pool:
+        await settle()
+        errors: list[QueueDropped] = []
+
+        async def client() -> None:
+            try:
+                async with pool.run():
+                    await trio.sleep(0.06)
+            except QueueDropped as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(client)
+        assert errors, "40 clients holding 60 ms each on 2 connections must be shed"
+        text = str(errors[0])
+        assert text.startswith("pool 'shed': dropped from the queue after waiting ")
+        assert "queue_target=0.05s" in text and "queue_interval=1s" in text
+        assert "raise queue_target" in text and "pool size" in text
+        # counted before the sweep ("33 of 38 waiting shed"), never "0 waiting"
+        numbers = text.split("(")[-1]
+        dropped_now = int(numbers.split(" of ")[0])
+        waiting_before = int(numbers.split(" of ")[1].split(" ")[0])
+        assert 1 <= dropped_now <= waiting_before
+        assert "size 2/2" in numbers

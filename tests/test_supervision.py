@@ -279,3 +279,36 @@ async def test_waiters_are_told_the_connect_error_not_overload(
         with pytest.raises(CheckoutTimeout, match="connection refused"):
             async with pool.run(timeout=0.5):
                 pass  # pragma: no cover
+
+
+async def test_the_waiter_shed_as_the_database_comes_back_is_told_no_connection_could_be_made(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from supervisor import QueueDropped
+
+    driver = ScriptedDriver()
+    driver.script("connect", *[DriverLost("connection refused")] * 3)
+    errors: list[str] = []
+    limits = SafetyLimits(checkout_timeout=None)
+    backoff = Backoff("exp", 0.5, 0.5)
+    async with open_pool(driver, size=1, limits=limits, backoff=backoff, name="back") as pool:
+
+        async def client() -> None:
+            try:
+                async with pool.run():
+                    pass
+            except QueueDropped as exc:
+                errors.append(str(exc))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(client)  # shed by the periodic poll at t = 1 s
+            await trio.sleep(1.2)
+            for _ in range(5):
+                nursery.start_soon(client)  # waiting when the connect at t = 1.5 s succeeds
+        assert pool.statistics().connects == 1  # the database came back
+    assert errors, "waiters kept waiting over 2 x queue_target by failed connects are shed"
+    for text in errors:
+        assert "no connection could be made while it waited" in text
+        assert "connection refused" in text
+        assert "overloaded" not in text

@@ -18,6 +18,7 @@ from actors.scripted import Call, ScriptedConnection, ScriptedCursor, ScriptedDr
 from supervisor import (
     CardinalityError,
     ConfigError,
+    ConnectionLost,
     IntegrityError,
     PoolError,
     QueryError,
@@ -603,3 +604,41 @@ async def test_commit_on_a_connection_that_died_unnoticed_reports_connection_los
                 await tx.execute("x")
                 driver.connections[0].forced_status = "unknown"
         assert tx.committed is False
+
+
+async def test_a_connection_lost_at_begin_restarts_the_transaction_once_on_a_fresh_one() -> None:
+    driver = ScriptedDriver()
+    driver.script("begin", DriverLost("server closed the connection unexpectedly"))
+    async with open_pool(driver, size=1) as pool:
+        async with pool.transaction() as tx:
+            await tx.execute("insert into t values (1)")
+        assert tx.committed is True
+        stats = pool.statistics()
+        assert stats.transaction_restarts == 1
+        assert stats.connects == 2
+    first, second = (c.conn for c in driver.calls if c.op == "begin")
+    assert first != second
+    assert [c.op for c in driver.calls if c.conn == second and c.op not in QUIET] == [
+        "begin", "execute", "commit",
+    ]
+
+
+async def test_a_second_loss_at_begin_is_not_hidden() -> None:
+    driver = ScriptedDriver()
+    driver.script("begin", DriverLost("gone"), DriverLost("gone again"))
+    async with open_pool(driver, size=1) as pool:
+        with pytest.raises(ConnectionLost, match="gone again"):
+            async with pool.transaction():
+                pass  # pragma: no cover
+        assert pool.statistics().transaction_restarts == 1
+
+
+async def test_a_loss_at_begin_inside_a_held_connection_is_not_restarted() -> None:
+    driver = ScriptedDriver()
+    driver.script("begin", DriverLost("gone"))
+    async with open_pool(driver, size=1) as pool:
+        async with pool.run() as conn:
+            with pytest.raises(ConnectionLost, match="gone"):
+                async with conn.transaction():
+                    pass  # pragma: no cover
+        assert pool.statistics().transaction_restarts == 0
