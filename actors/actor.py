@@ -19,8 +19,8 @@ knows nothing of pools (the direction of imports is ``supervisor`` -> ``actors``
 other tasks need from the actor is a synchronous method of :class:`Actor` (never a message built
 by the caller):
 
-* ``lend`` / ``mark_idle`` / ``withdraw`` / ``release``: the lender moves the actor between the
-  idle set and a client. These are the only writes of ``state`` from outside the actor's task,
+* ``lend`` / ``mark_idle`` / ``withdraw``: the lender moves the actor between the idle set and
+  clients. These are the only writes of ``state`` from outside the actor's task,
   and each checks the state it leaves (HikariCP's rule: a transition from an unexpected state
   is a bug and raises, instead of silently lending one connection twice);
 * ``checkin`` (a dirty lease came back), ``kill`` and ``replace_at``: post to the inbox;
@@ -128,7 +128,7 @@ class Actor:
         self.connected_at = 0.0
         self.expires_at = math.inf
         self._replace_at = math.inf
-        self._retire = False
+        self.retiring = False  # due for replacement: must not go back to the idle set
         self.exiting = False
         self.checked_at = 0.0
         self._sleep: trio.CancelScope | None = None
@@ -139,34 +139,43 @@ class Actor:
     def __repr__(self) -> str:
         return f"<Actor {self.host.name}#{self.index} {self.state} gen={self.generation}>"
 
-    @property
-    def retiring(self) -> bool:
-        """The connection is due for replacement: it must not go back to the idle set."""
-        return self._retire
 
     # -- called from other tasks (all synchronous, never block) --------------------------------
 
-    def _bad_transition(self, allowed: tuple[ActorState, ...], to: ActorState) -> NoReturn:
+    def _bad_transition(
+        self, allowed: tuple[ActorState, ...], to: ActorState, returning: Lease | None = None
+    ) -> NoReturn:
+        held = "" if returning is None else " holding the lease given back"
         raise RuntimeError(
             f"{self!r}: cannot become {to!r} from {self.state!r} (expected one of "
-            f"{', '.join(allowed)}); this is a bug in the pool"
+            f"{', '.join(allowed)}{held}); this is a bug in the pool"
         )
 
     # The transitions on the hot path test the state inline (no helper call): they run twice
     # per checkout.
 
-    def lend(self, lease: Lease) -> None:
-        """``lease`` now holds the connection (checkout, or a hand-over to a waiter)."""
-        if self.state not in _LENDABLE:
-            self._bad_transition(_LENDABLE, "busy")
+    def lend(self, lease: Lease, returning: Lease | None = None) -> None:
+        """``lease`` now holds the connection: a checkout, or a hand-over to a waiter (from
+        the idle set, from the actor, or straight from ``returning``, a clean lease just given
+        back)."""
+        if returning is None:
+            if self.state not in _LENDABLE:
+                self._bad_transition(_LENDABLE, "busy")
+        elif self.state != "busy" or self.lease is not returning:
+            self._bad_transition(("busy",), "busy", returning)
         self.state = "busy"
         self.lease = lease
 
-    def mark_idle(self, now: float) -> None:
-        """The connection is in the idle set from ``now`` on."""
-        if self.state not in _READYING:
-            self._bad_transition(_READYING, "idle")
+    def mark_idle(self, now: float, returning: Lease | None = None) -> None:
+        """The connection is in the idle set from ``now`` on (``returning``: the clean lease
+        that was just given back, which must be the one holding it)."""
+        if returning is None:
+            if self.state not in _READYING:
+                self._bad_transition(_READYING, "idle")
+        elif self.state != "busy" or self.lease is not returning:
+            self._bad_transition(("busy",), "idle", returning)
         self.state = "idle"
+        self.lease = None
         self.idle_since = now
 
     def withdraw(self) -> bool:
@@ -175,14 +184,6 @@ class Actor:
             return False
         self.state = "maintenance"
         return True
-
-    def release(self, lease: Lease) -> None:
-        """``lease`` came back clean: the lender places the connection next (idle or a waiter)."""
-        if self.state != "busy":
-            self._bad_transition(("busy",), "maintenance")
-        self.state = "maintenance"
-        if self.lease is lease:
-            self.lease = None
 
     def checkin(self, lease: Lease) -> None:
         """``lease`` came back dirty: recover (or replace) the connection in the actor's task."""
@@ -260,7 +261,7 @@ class Actor:
             self.conn = conn
             self.generation += 1
             self.connected_at = now
-            self._retire = False
+            self.retiring = False
             self._replace_at = math.inf
             if config.max_lifetime is None:
                 self.expires_at = math.inf
@@ -307,7 +308,7 @@ class Actor:
         deadline = now + period
         if self.lease is not None:
             deadline = min(deadline, self.lease.hold_deadline)
-        if not self._retire:
+        if not self.retiring:
             deadline = min(deadline, self.expires_at, self._replace_at)
         return deadline
 
@@ -337,7 +338,7 @@ class Actor:
         if lease is not None and now >= lease.hold_deadline:
             return await self._revoke(lease, "held longer than its hold deadline (hold_timeout)")
         if self._due(now):
-            self._retire = True
+            self.retiring = True
         return "stay"
 
     def _due(self, now: float | None = None) -> bool:
@@ -404,7 +405,7 @@ class Actor:
         self.state = "maintenance"
         if self.lease is lease:
             self.lease = None
-        if lease.broken or lease.revoked is not None or self._retire or self._due():
+        if lease.broken or lease.revoked is not None or self.retiring or self._due():
             self._why = "lost" if lease.broken else "replaced (max_lifetime or disconnect_all)"
             return "reconnect"
         conn = self.conn

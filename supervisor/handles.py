@@ -513,7 +513,11 @@ class TransactionBlock:
                     self._kind = "flat"
                     self._scope = current
             else:
-                session = await self._begin(session)
+                try:
+                    await session.call("begin", session.conn.begin, self._options,
+                                       check_failed=False)
+                except ConnectionLost:
+                    session = await self._restart(session)
                 self._kind = "outer"
                 self._scope = TxScope(None)
                 session.scopes.append(self._scope)
@@ -525,22 +529,18 @@ class TransactionBlock:
         self._tx = tx = Transaction(session)
         return tx
 
-    async def _begin(self, session: Session) -> Session:
-        """BEGIN; if the connection turns out to be lost (a stale connection, killed while
-        idle), nothing of this transaction has run yet: when this block owns its lease, restart
-        on a fresh connection, once (counted as ``transaction_restarts``)."""
-        try:
-            await session.call("begin", session.conn.begin, self._options, check_failed=False)
-            return session
-        except ConnectionLost:
-            if not self._owner or self._lender is None:
-                raise
-            lender = self._lender
-            lender.checkin(session)  # broken: its actor replaces it
-            self._owner = False
-            lender.reporter.transaction_restarted()
-            session = await lender.checkout(self._timeout, self._queue, schedule=False)
-            self._session, self._owner = session, True
+    async def _restart(self, session: Session) -> Session:
+        """BEGIN found the connection lost (a stale connection, killed while idle): nothing of
+        this transaction has run yet, so when this block owns its lease it restarts on a fresh
+        connection, once (counted as ``transaction_restarts``). Otherwise the loss is raised."""
+        if not self._owner or self._lender is None:
+            raise  # the ConnectionLost the caller is handling
+        lender = self._lender
+        lender.checkin(session)  # broken: its actor replaces it
+        self._owner = False
+        lender.reporter.transaction_restarted()
+        session = await lender.checkout(self._timeout, self._queue, schedule=False)
+        self._session, self._owner = session, True
         await session.call("begin", session.conn.begin, self._options, check_failed=False)
         return session
 

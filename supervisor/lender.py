@@ -10,8 +10,8 @@ be lost to a cancellation racing with it.
 Rules:
 
 * The lender owns the slot registry (index -> actor), the idle set, the queue, the holder map
-  (task -> session: what makes one-shots and nested blocks reuse the task's connection) and the
-  count of leases out. Nothing else writes them.
+  (task -> session: what makes one-shots and nested blocks reuse the task's connection), the
+  count of leases out and the count of checkouts. Nothing else writes them.
 * Lending is one synchronous, KeyboardInterrupt-protected step (count the lease, register its
   holder, mark the actor busy), and so is giving back: a Ctrl-C can never leave a lease counted
   with no holder to return it.
@@ -107,6 +107,7 @@ class Lender:
         self.failure: PoolError | None = None
         self.holders: dict[trio.lowlevel.Task, Session] = {}
         self.leases_out = 0
+        self.checkouts = 0
         self.rng = random.Random(options.seed)
         self.grow: Callable[[int], None] | None = None  # set by the pool: start slot `index`
         self._configure = options.configure
@@ -194,14 +195,16 @@ class Lender:
         raise timed_out
 
     @trio.lowlevel.enable_ki_protection
-    def _lend(self, actor: Actor, task: trio.lowlevel.Task) -> Session:
+    def _lend(
+        self, actor: Actor, task: trio.lowlevel.Task, returning: Session | None = None
+    ) -> Session:
         """Lend ``actor``'s connection to ``task``: one step, safe from KeyboardInterrupt."""
         assert actor.conn is not None
         session = Session(self.reporter, self.limits, actor, actor.conn, actor.generation, task)
-        actor.lend(session)
+        actor.lend(session, returning)
         self.holders[task] = session
         self.leases_out += 1
-        self.reporter.checked_out()
+        self.checkouts += 1
         hold = self.limits.hold_timeout
         if hold is not None:
             session.hold_deadline = trio.current_time() + hold
@@ -238,29 +241,29 @@ class Lender:
             )
             return
         if session.clean():
-            actor.release(session)
-            self.ready(actor)
+            self.ready(actor, session)
         else:
             actor.checkin(session)
 
     # -- Host protocol (called by actors) -------------------------------------------------------
 
     @trio.lowlevel.enable_ki_protection
-    def ready(self, actor: Actor) -> None:
-        """Hand ``actor``'s connection to the next waiter, or put it in the idle set."""
+    def ready(self, actor: Actor, returning: Session | None = None) -> None:
+        """Hand ``actor``'s connection to the next waiter, or put it in the idle set.
+        ``returning``: the clean lease just given back (the hot path of a return)."""
         now = trio.current_time()
         if self.state == "open" and self._queue.live:
             waiting = len(self._queue)
             waiter, dropped = self._queue.serve(now)
             self._shed(dropped, now, waiting)
             if waiter is not None:
-                session = self._lend(actor, waiter.token)
+                session = self._lend(actor, waiter.token, returning)
                 session.checkout_wait = now - waiter.start
                 trio.lowlevel.reschedule(waiter.token, outcome.Value(session))
                 return
         else:
             self._queue.codel.on_idle()
-        actor.mark_idle(now)
+        actor.mark_idle(now, returning)
         self._idle.append(actor)
 
     def withdraw(self, actor: Actor) -> bool:
@@ -458,7 +461,7 @@ class Lender:
             busy=busy,
             connecting=size - idle - busy,
             waiting=len(self._queue),
-            checkouts=r.checkouts,
+            checkouts=self.checkouts,
             connects=r.connects,
             disconnects=r.disconnects,
             restarts=r.restarts,

@@ -121,7 +121,8 @@ class Pool(metaclass=_NoPublicConstructor):
         ``CheckoutTimeout``). ``queue=False`` raises ``QueueDropped`` at once when no connection
         is idle. In a task that already holds a connection of this pool, it reuses it.
         """
-        _check_timeout(self.name, timeout)
+        if timeout is not None:
+            _check_timeout(self.name, timeout)
         return RunBlock(self._lender, timeout, queue)
 
     def transaction(
@@ -142,7 +143,8 @@ class Pool(metaclass=_NoPublicConstructor):
         ``savepoint=True``. ``isolation`` (e.g. ``"serializable"``), ``read_only`` and ``mode``
         (SQLite: ``"deferred"``, ``"immediate"``, ``"exclusive"``) apply to the outermost block.
         """
-        _check_timeout(self.name, timeout)
+        if timeout is not None:
+            _check_timeout(self.name, timeout)
         return TransactionBlock(
             self._lender,
             savepoint=savepoint,

@@ -2,8 +2,9 @@
 
 Rules:
 
-* The reporter is the only writer of the counters: the lender, the sessions and the supervisor
-  call its methods (``checked_out``, ``dropped``, ``event`` ...), never ``+= 1`` on a field.
+* The reporter is the only writer of its counters: the lender, the sessions and the supervisor
+  call its methods (``dropped``, ``event`` ...), never ``+= 1`` on a field. (The lender counts
+  its own checkouts: that is its state, and the hot path.)
 * Every text that leaves the pool (an error message built from a driver error, a log entry)
   goes through :meth:`Reporter.scrub`; every exception handed to the log hook goes through
   :meth:`Reporter.safe_error`, which replaces one whose text (or whose chain's text) holds a
@@ -34,7 +35,6 @@ class Reporter:
     __slots__ = (
         "_log_params",
         "_secrets",
-        "checkouts",
         "connects",
         "disconnects",
         "dropped_count",
@@ -58,7 +58,6 @@ class Reporter:
         self.last_connect_error: str | None = None  # while connects are failing
         self.last_connect_failure: tuple[float, str] | None = None  # kept after a good connect
         self.recovered_at = -math.inf  # the first good connect after failures
-        self.checkouts = 0
         self.connects = 0
         self.disconnects = 0
         self.restarts = 0
@@ -69,10 +68,6 @@ class Reporter:
         self.transaction_restarts = 0
 
     # -- counters -------------------------------------------------------------------------------
-
-    def checked_out(self) -> None:
-        """A lease was made."""
-        self.checkouts += 1
 
     def dropped(self, error: BaseException, waited: float | None = None) -> None:
         """A request was refused or shed (``QueueDropped``)."""

@@ -49,9 +49,9 @@ async def test_the_fast_path_hand_over_runs_protected_from_keyboard_interrupt(
     protected: list[bool] = []
     lend = Actor.lend
 
-    def spy(self: Actor, lease: Any) -> None:
+    def spy(self: Actor, lease: Any, returning: Any = None) -> None:
         protected.append(trio.lowlevel.currently_ki_protected())
-        lend(self, lease)
+        lend(self, lease, returning)
 
     monkeypatch.setattr(Actor, "lend", spy)
     async with open_pool(ScriptedDriver(), size=1) as pool:
@@ -65,28 +65,36 @@ async def test_the_fast_path_hand_over_runs_protected_from_keyboard_interrupt(
 async def test_the_hand_over_to_a_waiter_and_the_return_run_protected_from_keyboard_interrupt(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    seen: list[tuple[str, bool]] = []
-    lend, release = Actor.lend, Actor.release
+    seen: list[tuple[str, bool, bool]] = []
+    lend, mark_idle = Actor.lend, Actor.mark_idle
 
-    def spy_lend(self: Actor, lease: Any) -> None:
-        seen.append(("lend", trio.lowlevel.currently_ki_protected()))
-        lend(self, lease)
+    def spy_lend(self: Actor, lease: Any, returning: Any = None) -> None:
+        seen.append(("lend", returning is not None, trio.lowlevel.currently_ki_protected()))
+        lend(self, lease, returning)
 
-    def spy_release(self: Actor, lease: Any) -> None:
-        seen.append(("release", trio.lowlevel.currently_ki_protected()))
-        release(self, lease)
+    def spy_idle(self: Actor, now: float, returning: Any = None) -> None:
+        seen.append(("idle", returning is not None, trio.lowlevel.currently_ki_protected()))
+        mark_idle(self, now, returning)
 
     monkeypatch.setattr(Actor, "lend", spy_lend)
-    monkeypatch.setattr(Actor, "release", spy_release)
+    monkeypatch.setattr(Actor, "mark_idle", spy_idle)
     async with open_pool(ScriptedDriver(), size=1) as pool:
         await trio.testing.wait_all_tasks_blocked()
+        assert seen == [("idle", False, True)]
         async with trio.open_nursery() as nursery:
             async with pool.run():
                 nursery.start_soon(_use, pool)
                 await trio.testing.wait_all_tasks_blocked()
                 assert pool.statistics().waiting == 1
-    # first lease, its return (handed straight to the waiter), the waiter's lease, its return
-    assert seen == [("lend", True), ("release", True), ("lend", True), ("release", True)]
+    # (what, straight from a returning lease, protected): the connection goes idle after
+    # connecting, is lent, is handed from the returning lease straight to the waiter, then
+    # goes back to the idle set when the waiter returns it
+    assert seen == [
+        ("idle", False, True),
+        ("lend", False, True),
+        ("lend", True, True),
+        ("idle", True, True),
+    ]
 
 
 async def _use(pool: Pool) -> None:
