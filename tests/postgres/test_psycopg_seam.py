@@ -20,8 +20,10 @@ import pytest
 import trio
 from psycopg import pq
 
-import actors.psycopg as driver_module
-from actors.psycopg import PsycopgDriver, TrioAsyncConnection, _ExclusiveLock, _trio_connect
+import actors.psycopg.seam as driver_module
+from actors.psycopg import PsycopgDriver
+from actors.psycopg.seam import TrioAsyncConnection, _ExclusiveLock
+from actors.psycopg.seam import trio_connect as _trio_connect
 
 
 def _params(func: object) -> list[str]:
