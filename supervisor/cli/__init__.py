@@ -19,12 +19,34 @@ import argparse
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import TypeAlias
+from typing import NoReturn, TypeAlias
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+from supervisor import __version__
+from supervisor.cli.args import Bound
 
-Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+__all__ = ["COMMANDS", "Parser", "build_parser", "interrupted", "main"]
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[Parser]"
 """What ``ArgumentParser.add_subparsers()`` returns (a class argparse names privately)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error always two lines: one usage line (the short form
+    when the full one does not fit on a line) and ``prog: error: message``; exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        usage = self.format_usage().strip()
+        if "\n" in usage:
+            usage = f"usage: {self.prog} [options] (--help lists them)"
+        self.exit(2, f"{usage}\n{self.prog}: error: {message}\n")
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Ctrl-C: a KeyboardInterrupt, or an exception group holding one
+    (how Trio delivers it from inside a nursery)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    return isinstance(exc, BaseExceptionGroup) and exc.split(KeyboardInterrupt)[0] is not None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -68,8 +90,12 @@ def _add_bench(sub: Subparsers) -> None:
         "and a one-shot query) against a no-op driver, in microseconds and as a ratio to one "
         "trio.lowlevel.checkpoint() measured in the same run.",
     )
-    parser.add_argument("-n", type=int, default=20000, help="operations per round (20000)")
-    parser.add_argument("--rounds", type=int, default=7, help="rounds; the median is shown (7)")
+    parser.add_argument(
+        "-n", type=Bound(int), default=20000, help="operations per round (default: 20000)"
+    )
+    parser.add_argument(
+        "--rounds", type=Bound(int), default=7, help="rounds; the median is shown (default: 7)"
+    )
     parser.set_defaults(command=_bench)
 
 
@@ -87,10 +113,16 @@ def _add_check(sub: Subparsers) -> None:
         help="connect to a database URL and run one query",
         description="Open a one-connection pool on URL (postgresql://..., sqlite:///path), run "
         "'select 1' and report; exit status 1 with the reason if that fails. No password is "
-        "ever printed.",
+        "ever printed. An SQLite file is opened read-only and never created.",
     )
     parser.add_argument("url", help="database URL, e.g. postgresql://user@host/db")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
+    parser.add_argument(
+        "--timeout",
+        type=Bound(float, positive=True),
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to keep trying to connect and run the query (default: 10)",
+    )
     parser.set_defaults(command=_check)
 
 
@@ -104,11 +136,12 @@ COMMANDS: dict[str, Callable[[Subparsers], None]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m supervisor",
         description="trio-connection-supervisor: database connections owned by supervised "
         "actors, for Trio.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in COMMANDS.values():
         add(sub)
@@ -117,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit status:
-    0 success, 1 the command's check failed, 2 bad usage, 130 interrupted."""
+    0 success, 1 the command's check failed, 2 bad usage, 130 interrupted (Ctrl-C: one line
+    on stderr, no traceback)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -129,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         status: int = command(args)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not interrupted(exc):
+            raise
         print("interrupted", file=sys.stderr)
         return 130
     return status

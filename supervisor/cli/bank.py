@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,12 +46,16 @@ __all__ = [
     "INITIAL",
     "LEVELS",
     "MAX_ATTEMPTS",
+    "SETUP_WAIT",
     "CheckResult",
+    "CrashingConfigure",
     "DemoConfig",
     "DemoResult",
     "FaultLevel",
     "FaultsName",
     "Monitor",
+    "Planned",
+    "SetupError",
     "Stats",
     "Workload",
     "check_integrity",
@@ -64,6 +68,15 @@ INITIAL = 1_000
 FaultsName = Literal["none", "some", "heavy"]
 MAX_ATTEMPTS = 8
 """Attempts per transfer when the database says "serialization failure / busy"."""
+SETUP_WAIT = 5.0
+"""Seconds the setup (creating the tables) keeps trying to reach the database before the demo
+gives up with one ``failed: ...`` line: a wrong ``--dsn`` fails in that time, a database still
+starting up gets that long to come up."""
+
+
+class SetupError(Exception):
+    """The demo cannot start on the database it was given (a bad ``--dsn`` URL, a driver that
+    is not installed); the message is safe to print (no password)."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,9 @@ class FaultLevel:
     """What ``--faults`` means: driver faults, client misbehaviour and chaos actions.
 
     Probabilities are per transfer; ``chaos_every`` is the mean number of seconds between chaos
-    actions (``None``: none), chosen among ``chaos``.
+    actions (``None``: none), chosen among ``chaos``. ``crash_every``: the pool's ``configure``
+    hook raises on every ``crash_every``-th connect attempt after the pool's first connections
+    (an unexpected exception in an actor: it crashes and the supervisor restarts it).
     """
 
     plan: FaultPlan
@@ -81,6 +96,7 @@ class FaultLevel:
     hold_timeout: float | None = None
     chaos_every: float | None = None
     chaos: tuple[str, ...] = ()
+    crash_every: int | None = None
 
 
 LEVELS: dict[str, FaultLevel] = {
@@ -117,6 +133,7 @@ LEVELS: dict[str, FaultLevel] = {
         hold_timeout=0.2,
         chaos_every=0.4,
         chaos=("disconnect_all", "break_all", "driver_bug"),
+        crash_every=8,
     ),
 }
 """The fault levels of ``--faults``."""
@@ -159,6 +176,21 @@ GOOD_OUTCOMES = frozenset({"committed", "rolled back", "insufficient funds"})
 """The outcomes of :attr:`Stats.outcomes` that are not failures."""
 
 
+@dataclass(frozen=True)
+class Planned:
+    """What one transfer drew from its client's random generator before it started: all of
+    it, so that a client's sequence of transfers depends on the seed alone (retry pauses draw
+    from another generator: how many retries happen depends on timing)."""
+
+    src: int
+    dst: int
+    amount: int
+    extras: frozenset[str]
+    """Among ``fee``, ``veto``, ``kill``, ``dawdle``, ``cancel``."""
+    cancel_after: float
+    """Seconds after each attempt starts when a ``cancel`` transfer is cancelled."""
+
+
 @dataclass
 class Stats:
     """Live counters of the workload (single Trio thread: no locking needed)."""
@@ -172,7 +204,8 @@ class Stats:
     acked: set[str] = field(default_factory=set)
     rolled_back: set[str] = field(default_factory=set)
     uncertain: set[str] = field(default_factory=set)
-    attempted: set[str] = field(default_factory=set)
+    attempted: dict[str, Planned] = field(default_factory=dict)
+    """Every transfer started, by id, with what was drawn for it."""
 
     def committed(self, tid: str, latency: float) -> None:
         """Record a transfer whose client saw its COMMIT succeed."""
@@ -211,12 +244,20 @@ class _Sql:
 
 
 def _drivers(config: DemoConfig, path: str | None) -> tuple[Driver, Callable[[], Driver]]:
-    """The workload's driver and a factory of fault-free drivers for setup and checking."""
+    """The workload's driver and a factory of fault-free drivers for setup and checking
+    (:class:`SetupError` if there is no driver for ``config.dsn``)."""
     if config.dsn is not None:
-        from actors import psycopg as pg
+        try:
+            from actors import psycopg as pg
 
-        dsn = config.dsn
-        return pg.from_url(dsn), lambda: pg.from_url(dsn)
+            dsn = config.dsn
+            return pg.from_url(dsn), lambda: pg.from_url(dsn)
+        except ImportError as exc:
+            raise SetupError(
+                f"--dsn needs psycopg ({exc}): pip install 'trio-connection-supervisor[postgresql]'"
+            ) from None
+        except ValueError as exc:  # its message never echoes the URL
+            raise SetupError(f"--dsn: {exc}") from None
     from actors.sqlite import SqliteDriver
 
     assert path is not None
@@ -268,7 +309,7 @@ async def check_integrity(pool: Pool, accounts: int, stats: Stats | None = None)
     if stats is not None:
         acked_missing = len(stats.acked - ids)
         rolled_back_present = len(stats.rolled_back & ids)
-        unknown = len(ids - stats.attempted)
+        unknown = len(ids - stats.attempted.keys())
         uncertain = len(stats.uncertain)
         uncertain_committed = len(stats.uncertain & ids)
         if acked_missing:
@@ -314,8 +355,10 @@ class Workload:
         self.stats = Stats()
         self.end = 0.0
         self.outer: dict[str, Any] = {} if config.dsn is not None else {"mode": "immediate"}
+        self.pauses = random.Random(seed * 31 + 1)
+        """Retry pauses: drawn as timing dictates, apart from the clients' generators."""
     async def transfer_once(
-        self, attempt: _Attempt, tid: str, src: int, dst: int, amount: int, plan: set[str]
+        self, attempt: _Attempt, tid: str, src: int, dst: int, amount: int, plan: frozenset[str]
     ) -> Transaction:
         """One attempt: the nested blocks described in :mod:`supervisor.cli.demo`.
 
@@ -373,12 +416,12 @@ class Workload:
         else:
             self.stats.rolled_back.add(tid)  # COMMIT was never sent
 
-    async def transfer(self, rng: random.Random, tid: str) -> None:
-        """Run one transfer to its end (retrying serialization failures) and record it."""
-        cfg, level, stats = self.config, self.level, self.stats
-        src, dst = rng.sample(range(1, cfg.accounts + 1), 2)
+    def draw(self, rng: random.Random) -> Planned:
+        """The next transfer of the client whose generator is ``rng``."""
+        level = self.level
+        src, dst = rng.sample(range(1, self.config.accounts + 1), 2)
         amount = rng.randint(1, INITIAL // 10)
-        plan = {
+        extras = frozenset(
             name
             for name, p in (
                 ("fee", 0.2),
@@ -388,14 +431,20 @@ class Workload:
                 ("cancel", level.cancel),
             )
             if rng.random() < p
-        }
-        stats.attempted.add(tid)
+        )
+        return Planned(src, dst, amount, extras, rng.uniform(0.0, 0.01))
+
+    async def transfer(self, rng: random.Random, tid: str) -> None:
+        """Run one transfer to its end (retrying serialization failures) and record it."""
+        stats = self.stats
+        planned = stats.attempted[tid] = self.draw(rng)
+        src, dst, amount, plan = planned.src, planned.dst, planned.amount, planned.extras
         started = time.perf_counter()
         for n in range(MAX_ATTEMPTS):
             attempt = _Attempt()
             scope = trio.CancelScope()
             if "cancel" in plan:
-                scope.deadline = trio.current_time() + rng.uniform(0.0, 0.01)
+                scope.deadline = trio.current_time() + planned.cancel_after
             try:
                 with scope:
                     tx = await self.transfer_once(attempt, tid, src, dst, amount, plan)
@@ -403,7 +452,7 @@ class Workload:
                 # The database refused this attempt (nothing committed): run it again.
                 stats.retries += 1
                 if n + 1 < MAX_ATTEMPTS:
-                    await trio.sleep(rng.uniform(0, 0.002 * 2**n))  # backoff, not sync
+                    await trio.sleep(self.pauses.uniform(0, 0.002 * 2**n))  # backoff, not sync
                     continue
                 stats.errors["SerializationFailure"] += 1
                 self._failed(tid, "gave up", attempt)
@@ -460,9 +509,31 @@ class Workload:
             elif action == "break_all":
                 self.faults.break_all()  # like a database server restart
             elif action == "driver_bug":
-                # An unexpected exception in a driver call run by an actor: it crashes and the
-                # supervisor restarts it.
+                # An unexpected exception in a driver call an actor makes while it recovers a
+                # connection: the actor closes that connection and connects a new one.
                 self.faults.fail_next("reset", RuntimeError("injected driver bug"))
+
+
+class CrashingConfigure:
+    """The pool's ``configure`` hook with a bug on purpose: past the first ``spare`` connect
+    attempts (the pool's own first connections), it raises on the next one and then on every
+    ``every``-th (``None``: never). An exception from ``configure`` is an actor crash: the
+    supervisor restarts the actor with backoff and counts it in ``statistics().restarts``."""
+
+    def __init__(self, every: int | None, spare: int) -> None:
+        self.every = every
+        self.spare = spare
+        self.attempts = 0
+        self.crashes = 0
+        self.enabled = True
+
+    def __call__(self, options: Mapping[str, Any], index: int) -> Mapping[str, Any]:
+        self.attempts += 1
+        late = self.attempts - self.spare - 1  # 0 for the first reconnect
+        if self.enabled and self.every is not None and late >= 0 and late % self.every == 0:
+            self.crashes += 1
+            raise RuntimeError(f"injected bug in configure (connect attempt {self.attempts})")
+        return options
 
 
 Monitor = Callable[[Workload], Awaitable[None]]
@@ -493,9 +564,18 @@ async def run_demo(config: DemoConfig, monitor: Monitor | None = None) -> DemoRe
     sql = _Sql(config.dsn is not None)
     with _database_path(config) as path:
         inner, clean = _drivers(config, path)
-        async with open_pool(clean(), size=1, name="demo-setup") as setup:
+        async with open_pool(
+            clean(),
+            size=1,
+            name="demo-setup",
+            # Wait SETUP_WAIT for the database, not the ~1 s after which CoDel would shed.
+            queue_target=SETUP_WAIT,
+            queue_interval=SETUP_WAIT,
+            limits=SafetyLimits(checkout_timeout=SETUP_WAIT, connect_timeout=SETUP_WAIT),
+        ) as setup:
             await _create_schema(setup, sql, config.accounts)
         faults = FaultDriver(inner, level.plan, seed=seed)
+        crashing = CrashingConfigure(level.crash_every, spare=config.size)
         limits = SafetyLimits(
             checkout_timeout=10.0,
             hold_timeout=level.hold_timeout,
@@ -514,6 +594,7 @@ async def run_demo(config: DemoConfig, monitor: Monitor | None = None) -> DemoRe
             limits=limits,
             max_restarts=1000,
             seed=seed,
+            configure=crashing,
         ) as pool:
             work = Workload(config, level, pool, faults, seed)
             work.end = trio.current_time() + config.duration
@@ -526,7 +607,7 @@ async def run_demo(config: DemoConfig, monitor: Monitor | None = None) -> DemoRe
                         for index in range(config.clients):
                             clients.start_soon(work.client, index)
                     nursery.cancel_scope.cancel()
-            faults.enabled = False
+            faults.enabled = crashing.enabled = False
             pool_stats = pool.statistics()
         elapsed = time.perf_counter() - started
         async with open_pool(clean(), size=1, name="demo-check") as checker:
@@ -534,4 +615,6 @@ async def run_demo(config: DemoConfig, monitor: Monitor | None = None) -> DemoRe
     injected: dict[str, int] = {}
     for (_, what), n in faults.injected.items():
         injected[what] = injected.get(what, 0) + n
+    if crashing.crashes:
+        injected["crash"] = crashing.crashes
     return DemoResult(config, seed, elapsed, work.stats, pool_stats, injected, check)

@@ -7,8 +7,8 @@ Why it exists: to show, on a real database, that the pool loses nothing when con
 leases are revoked, clients are cancelled mid-transaction and the driver fails at random; and to
 give users a template for their own fault-injection checks.
 
-The workload: ``accounts`` accounts start with ``INITIAL`` each, so the total is known. ``clients``
-tasks run transfers, each one transaction made of nested blocks:
+The workload: ``--accounts`` accounts start with 1,000 each, so the total is known.
+``--clients`` tasks run transfers, each one transaction made of nested blocks:
 
 * the outer ``pool.transaction()`` (``BEGIN IMMEDIATE`` on SQLite: writers queue on the lock
   instead of failing on a stale snapshot);
@@ -25,8 +25,9 @@ Faults (``--faults some`` / ``heavy``): random driver errors and lost connection
 cancelled after a random short deadline, ``kill()`` of a client's own connection
 mid-transaction, leases revoked by ``hold_timeout`` under slow clients, ``pool.disconnect_all()``,
 simulated server restarts (``FaultDriver.break_all()``) and, when heavy, failing connects and
-pings, slow statements, and driver bugs (an unexpected exception while an actor recovers a
-connection: the connection is replaced).
+pings, slow statements, driver bugs (an unexpected exception while an actor recovers a
+connection: the connection is replaced) and actor crashes (the pool's ``configure`` hook fails
+on every 8th connect: the supervisor restarts the actor, counted as ``restarts``).
 
 The integrity check reads the database with a fresh, fault-free pool. It does not trust the
 clients: a client cancelled mid-COMMIT, or whose COMMIT reply was lost, cannot know whether its
@@ -46,47 +47,64 @@ from typing import TextIO
 
 import trio
 
-from supervisor.cli.bank import INITIAL, DemoConfig, Workload, run_demo
-from supervisor.cli.display import Progress, print_summary, wants_rich
+from supervisor import PoolError
+from supervisor.cli.args import Bound, failure_line, postgres_url, sqlite_file
+from supervisor.cli.bank import INITIAL, DemoConfig, SetupError, Workload, run_demo
+from supervisor.cli.display import Progress, print_summary, rich_installed, wants_rich
 
-__all__ = ["add_demo_arguments", "config_from_args", "demo_command"]
+__all__ = ["BOUNDS", "add_demo_arguments", "config_from_args", "demo_command"]
+
+BOUNDS: dict[str, Bound] = {
+    "duration": Bound(float, positive=True),
+    "clients": Bound(int),
+    "size": Bound(int),
+    "accounts": Bound(int, 2, " (a transfer needs two accounts)"),
+}
+"""The numeric flags and their rules: argparse's ``type=``, and :func:`config_from_args`'s
+check of a namespace built without argparse."""
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's flags."""
     parser.add_argument(
         "--duration",
-        type=float,
+        type=BOUNDS["duration"],
         default=5.0,
         metavar="SECONDS",
         help="how long clients keep starting transfers (default: 5)",
     )
     parser.add_argument(
         "--clients",
-        type=int,
+        type=BOUNDS["clients"],
         default=8,
         metavar="N",
         help="concurrent client tasks running transfers (default: 8)",
     )
     parser.add_argument(
         "--size",
-        type=int,
+        type=BOUNDS["size"],
         default=4,
         metavar="N",
         help="connections in the pool; clients beyond it queue (default: 4)",
     )
     parser.add_argument(
         "--accounts",
-        type=int,
+        type=BOUNDS["accounts"],
         default=50,
         metavar="N",
-        help=f"bank accounts, each starting with {INITIAL} (default: 50)",
+        help=f"bank accounts, at least 2, each starting with {INITIAL:,} (default: 50)",
     )
     parser.add_argument(
         "--seed",
         type=int,
         default=None,
-        help="seed for the workload and the fault draws (default: random, printed at the end)",
+        help="reproduces what is drawn, not what happens: each client's sequence of transfers "
+        "(accounts, amounts, which ones take a fee, are vetoed, cancelled, killed or dawdle) is "
+        "the same in every run with this seed, and so are the sequence of chaos actions with "
+        "the pauses between them and the sequence of the fault driver's random draws. The run "
+        "is timed and its tasks interleave as real time goes, so how many transfers run, which "
+        "driver calls the fault draws land on, and every count in the summary differ from run "
+        "to run (default: a random seed, shown in the summary)",
     )
     parser.add_argument(
         "--faults",
@@ -95,12 +113,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="what to break on purpose: none; some (random driver errors and lost connections, "
         "lost COMMIT replies, cancelled clients, kill(), hold-timeout revocations, "
         "disconnect_all, server restarts); heavy (all of that more often, plus failing connects "
-        "and pings, slow statements and driver bugs) (default: some)",
+        "and pings, slow statements, driver bugs and actor crashes) (default: some)",
     )
     target = parser.add_mutually_exclusive_group()
     target.add_argument(
         "--db",
         metavar="PATH",
+        type=sqlite_file,
         default=None,
         help="SQLite database file to use (its demo_* tables are replaced; default: a "
         "temporary file, deleted afterwards)",
@@ -108,6 +127,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--dsn",
         metavar="postgresql://...",
+        type=postgres_url,
         default=None,
         help="run on PostgreSQL instead of SQLite (its demo_accounts and demo_ledger tables "
         "are replaced)",
@@ -116,21 +136,31 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--progress",
         choices=("auto", "rich", "plain", "off"),
         default="auto",
-        help="live display: rich on a terminal, plain lines otherwise (default: auto)",
+        help="live display: rich on a terminal, plain lines otherwise (default: auto; rich "
+        "needs the rich package: pip install 'trio-connection-supervisor[demo]')",
     )
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    """Validate the parsed flags into a :class:`DemoConfig` (ValueError naming the flag)."""
-    for name in ("clients", "size", "accounts"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1")
-    if args.accounts < 2:
-        raise ValueError("--accounts must be at least 2 (a transfer needs two accounts)")
-    if not args.duration > 0:
-        raise ValueError("--duration must be a positive number of seconds")
-    if args.dsn is not None and not args.dsn.startswith(("postgresql://", "postgres://")):
-        raise ValueError("--dsn must be a postgresql:// URL")
+    """Validate the parsed flags into a :class:`DemoConfig` (ValueError naming the flag).
+
+    argparse already applied these rules (:data:`BOUNDS`, ``--dsn``); they are checked again
+    here, by the same objects, for a namespace built by code."""
+    for name, bound in BOUNDS.items():
+        try:
+            bound.check(getattr(args, name))
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--{name} {exc}") from None
+    if args.dsn is not None:
+        try:
+            postgres_url(args.dsn)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--dsn {exc}") from None
+    if args.progress == "rich" and not rich_installed():
+        raise ValueError(
+            "--progress rich needs the rich package: "
+            "pip install 'trio-connection-supervisor[demo]'"
+        )
     return DemoConfig(
         duration=args.duration,
         clients=args.clients,
@@ -145,7 +175,9 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 
 def demo_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Run ``demo`` from parsed arguments; return the exit status."""
+    """Run ``demo`` from parsed arguments; return the exit status: 0 when the integrity check
+    holds, 1 when it fails or the database cannot be used (one ``failed: ...`` line on stderr),
+    2 for a bad flag."""
     stream = out if out is not None else sys.stdout
     try:
         config = config_from_args(args)
@@ -156,6 +188,10 @@ def demo_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     async def progress(work: Workload) -> None:
         await Progress(work, stream, config.progress).run()
 
-    result = trio.run(run_demo, config, progress)
+    try:
+        result = trio.run(run_demo, config, progress)
+    except (PoolError, SetupError) as exc:
+        print(failure_line(exc, config.dsn), file=sys.stderr)
+        return 1
     print_summary(result, stream, wants_rich(config.progress, stream))
     return result.exit_status

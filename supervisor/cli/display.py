@@ -15,9 +15,37 @@ from typing import Any, TextIO
 
 import trio
 
-from supervisor.cli.bank import GOOD_OUTCOMES, DemoResult, Workload
+from supervisor.cli.bank import GOOD_OUTCOMES, DemoResult, Stats, Workload
 
-__all__ = ["Progress", "percentile", "print_summary", "summary_rows", "wants_rich"]
+__all__ = [
+    "OUTCOMES",
+    "Progress",
+    "failures",
+    "outcome_counts",
+    "percentile",
+    "print_summary",
+    "rich_installed",
+    "summary_rows",
+    "wants_rich",
+]
+
+OUTCOMES = ("committed", "rolled back", "insufficient funds", "failed")
+"""How the live table and the summary both count transfers: ``rolled back`` on purpose (an
+audit veto), ``insufficient funds`` (the overdraft rule), and ``failed`` (every other end: see
+:func:`failures`)."""
+
+
+def outcome_counts(stats: Stats) -> dict[str, int]:
+    """Transfers per :data:`OUTCOMES` category."""
+    counts = {name: stats.outcomes[name] for name in OUTCOMES if name != "failed"}
+    counts["failed"] = sum(failures(stats).values())
+    return counts
+
+
+def failures(stats: Stats) -> dict[str, int]:
+    """The ``failed`` transfers by how they ended (cancelled, killed, revoked, ...), most first."""
+    bad = [(k, n) for k, n in stats.outcomes.items() if k not in GOOD_OUTCOMES and n]
+    return dict(sorted(bad, key=lambda kv: -kv[1]))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -32,8 +60,11 @@ def percentile(values: Sequence[float], q: float) -> float:
 def wants_rich(mode: str, out: TextIO) -> bool:
     """Whether ``--progress mode`` means rich output on ``out``: ``rich``, or ``auto`` on a
     terminal, and only if rich is installed."""
-    if not (mode == "rich" or (mode == "auto" and out.isatty())):
-        return False
+    return (mode == "rich" or (mode == "auto" and out.isatty())) and rich_installed()
+
+
+def rich_installed() -> bool:
+    """Whether the ``rich`` package can be imported (the ``demo`` extra)."""
     try:
         import rich  # noqa: F401
     except ImportError:
@@ -60,17 +91,14 @@ class Progress:
         recent = [lat for _, lat in stats.window]
         elapsed = now - self.started
         pool = work.pool.statistics()
-        committed = stats.outcomes["committed"]
+        counts = outcome_counts(stats)
+        committed = counts["committed"]
         return {
             "elapsed": f"{elapsed:.1f}s",
-            "committed": str(committed),
+            **{name: str(n) for name, n in counts.items()},
             "tps": f"{committed / elapsed:.0f}" if elapsed > 0 else "-",
             "p50": f"{percentile(recent, 0.50) * 1e3:.1f}ms" if recent else "-",
             "p99": f"{percentile(recent, 0.99) * 1e3:.1f}ms" if recent else "-",
-            "rolled back": str(
-                stats.outcomes["rolled back"] + stats.outcomes["insufficient funds"]
-            ),
-            "failed": str(sum(n for k, n in stats.outcomes.items() if k not in GOOD_OUTCOMES)),
             "retries": str(stats.retries),
             "pool": f"{pool.busy} busy/{pool.idle} idle/{pool.connecting} conn/{pool.size}",
             "waiting": str(pool.waiting),
@@ -90,16 +118,7 @@ class Progress:
         from rich.table import Table
 
         snap = self.snapshot()
-        left = [
-            "elapsed",
-            "committed",
-            "tps",
-            "p50",
-            "p99",
-            "rolled back",
-            "failed",
-            "retries",
-        ]
+        left = ["elapsed", *OUTCOMES, "tps", "p50", "p99", "retries"]
         right = [key for key in snap if key not in left]
         table = Table(title="trio-connection-supervisor demo (2 s latency window)")
         table.add_column("workload")
@@ -124,11 +143,14 @@ class Progress:
         from rich.live import Live
 
         console = Console(file=self.out)
-        with Live(self.table(), console=console, refresh_per_second=4, transient=False) as live:
+        live = Live(self.table(), console=console, refresh_per_second=4, transient=False)
+        live.start()
+        try:
             while True:
                 await trio.sleep(0.25)
                 live.update(self.table())
-
+        finally:
+            live.stop()  # cursor shown again, terminal restored, whatever ended the run
 
 
 def summary_rows(result: DemoResult) -> list[tuple[str, str]]:
@@ -142,8 +164,9 @@ def summary_rows(result: DemoResult) -> list[tuple[str, str]]:
         ("clients / pool size", f"{result.config.clients} / {result.config.size}"),
         ("transfers attempted", str(len(stats.attempted))),
     ]
-    for name, n in sorted(stats.outcomes.items(), key=lambda kv: -kv[1]):
-        rows.append((f"  {name}", str(n)))
+    detail = ", ".join(f"{k}={v}" for k, v in failures(stats).items())
+    for name, n in outcome_counts(stats).items():
+        rows.append((f"  {name}", f"{n} ({detail})" if name == "failed" and detail else str(n)))
     rows += [
         ("throughput", f"{stats.outcomes['committed'] / max(result.elapsed, 1e-9):.0f} commits/s"),
         (
