@@ -7,6 +7,9 @@ The public API, and nothing else::
             await tx.execute("update t set x = x + 1")
 """
 
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
+
 from supervisor.backoff import Backoff
 from supervisor.errors import (
     CardinalityError,
@@ -54,3 +57,11 @@ __all__ = [
     "TransactionFailed",
     "open_pool",
 ]
+
+try:
+    __version__: str = _version("trio-connection-supervisor")
+    """The installed distribution's version (``0+unknown`` when run from a source tree that
+    is not installed)."""
+except _NotInstalled:  # pragma: no cover - only in an uninstalled checkout
+    __version__ = "0+unknown"
+del _NotInstalled, _version
