@@ -9,6 +9,7 @@ from actors.driver import (
     Cursor,
     DatabaseError,
     Driver,
+    Misconfigured,
     TransactionOptions,
 )
 
@@ -18,5 +19,6 @@ __all__ = [
     "Cursor",
     "DatabaseError",
     "Driver",
+    "Misconfigured",
     "TransactionOptions",
 ]

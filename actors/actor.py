@@ -31,17 +31,26 @@ from __future__ import annotations
 
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, Protocol, final
 
 import trio
 
-from actors.driver import Connection, Driver
+from actors.driver import Connection, Driver, Misconfigured
 from actors.lease import Lease
-from actors.messages import Checkin, Disconnect, Kill, Message
+from actors.messages import Check, Checkin, Disconnect, Exit, Kill, Message
 
-__all__ = ["Actor", "ActorConfig", "ActorGaveUp", "ActorState", "Host", "restore_idle"]
+__all__ = [
+    "Actor",
+    "ActorConfig",
+    "ActorGaveUp",
+    "ActorMisconfigured",
+    "ActorState",
+    "Host",
+    "restore_idle",
+]
 
 ActorState = Literal["connecting", "backoff", "idle", "busy", "maintenance", "stopped"]
 """``idle``: in the pool's idle set. ``busy``: lent to a client. ``maintenance``: being pinged
@@ -54,6 +63,11 @@ _READYING: tuple[ActorState, ...] = ("connecting", "maintenance")
 class ActorGaveUp(Exception):
     """The backoff policy said stop after a failed connect: the actor exits and its supervisor
     decides (restart with backoff, or fail the pool when the restart intensity is exceeded)."""
+
+
+class ActorMisconfigured(Exception):
+    """The driver said the connect options can never work (:class:`~actors.driver.Misconfigured`):
+    the actor exits at once, without backoff, and its supervisor fails the pool (no restart)."""
 
 
 class Host(Protocol):
@@ -74,12 +88,18 @@ class Host(Protocol):
         """Whether this actor may exit because it idled past ``max_idle``."""
         ...
 
-    def configure(self, options: Mapping[str, Any], index: int) -> Mapping[str, Any]:
-        """Connect options for the next attempt (credential rotation)."""
+    async def configure(self, options: Mapping[str, Any], index: int) -> Mapping[str, Any]:
+        """Connect options for the next attempt (credential rotation; the user's hook may be
+        plain or async)."""
         ...
 
     async def after_connect(self, actor: Actor, conn: Connection) -> None:
         """Run the user's hook on a fresh connection before its first use."""
+        ...
+
+    async def reset_session(self, actor: Actor, conn: Connection) -> None:
+        """Drop the session state a lease left (``reset=``), so the next lease finds the
+        connection as it was after connect and ``after_connect``."""
         ...
 
     def report(
@@ -113,7 +133,9 @@ class Actor:
     """The task that owns one connection slot (``index``) of a pool. See the module docstring.
 
     ``run()`` returns normally only when the pool shrank this slot (idle past ``max_idle``);
-    it raises :class:`ActorGaveUp` when the backoff policy stops; it is cancelled at shutdown.
+    it raises :class:`ActorGaveUp` when the backoff policy stops and :class:`ActorMisconfigured`
+    at once when the driver says the connect options can never work; it is cancelled at
+    shutdown.
     """
 
     def __init__(self, index: int, host: Host, config: ActorConfig) -> None:
@@ -129,6 +151,7 @@ class Actor:
         self.expires_at = math.inf
         self._replace_at = math.inf
         self.retiring = False  # due for replacement: must not go back to the idle set
+        self.statements: OrderedDict[str, None] = OrderedDict()  # prepared on this connection
         self.exiting = False
         self.checked_at = 0.0
         self._sleep: trio.CancelScope | None = None
@@ -202,6 +225,16 @@ class Actor:
         """Replace the connection at time ``at``: then if idle, else when its holder returns it."""
         self._send.send_nowait(Disconnect(at))
 
+    def check(self, reply: trio.MemorySendChannel[bool]) -> None:
+        """Ping now if idle; ``reply`` gets True if the connection was dead (``Pool.check``)."""
+        self._send.send_nowait(Check(reply))
+
+    def retire_slot(self) -> None:
+        """End this slot (the pool shrank): at once if idle, else when its lease comes back."""
+        self.exiting = True
+        self.retiring = True
+        self._send.send_nowait(Exit())
+
     def poke(self, deadline: float) -> None:
         """Make the actor wake by ``deadline`` (a hold deadline was set or moved earlier)."""
         if self._sleep is not None and deadline < self._sleep.deadline:
@@ -233,7 +266,7 @@ class Actor:
         delays = config.backoff()
         while True:
             self.state = "connecting"
-            options = self.host.configure(config.driver.options, self.index)
+            options = await self.host.configure(config.driver.options, self.index)
             conn: Connection | None = None
             try:
                 with trio.fail_after(config.connect_timeout or math.inf):
@@ -246,6 +279,13 @@ class Actor:
                 if not isinstance(exc, Exception):
                     raise
                 self.host.report("connect_failed", self, error=exc)
+                if isinstance(exc, Misconfigured):
+                    text = str(exc) or type(exc).__name__
+                    safe = self.host.scrub(text)
+                    raise ActorMisconfigured(
+                        f"pool {self.host.name!r}: the connect options are invalid "
+                        f"(retrying cannot help): {safe}"
+                    ) from (exc if safe == text else None)
                 delay = next(delays, None)
                 if delay is None:
                     text = f"{type(exc).__name__}: {exc}"
@@ -262,6 +302,7 @@ class Actor:
             self.generation += 1
             self.connected_at = now
             self.retiring = False
+            self.statements = OrderedDict()
             self._replace_at = math.inf
             if config.max_lifetime is None:
                 self.expires_at = math.inf
@@ -398,6 +439,18 @@ class Actor:
         if isinstance(message, Disconnect):
             self._replace_at = min(self._replace_at, message.at)
             return "stay"
+        if isinstance(message, Check):
+            if not self.host.withdraw(self):
+                message.reply.send_nowait(False)
+                return "stay"
+            verdict = await self._ping()
+            message.reply.send_nowait(verdict == "reconnect")
+            return verdict
+        if isinstance(message, Exit):
+            if self.state == "idle" and self.host.withdraw(self):
+                self._why = "the pool shrank (resize)"
+                return "exit"
+            return "stay"  # busy: it exits when its lease comes back (see _recover)
         raise TypeError(f"unknown message {message!r}")  # pragma: no cover
 
     async def _recover(self, lease: Lease) -> str:
@@ -405,6 +458,9 @@ class Actor:
         self.state = "maintenance"
         if self.lease is lease:
             self.lease = None
+        if self.exiting:
+            self._why = "the pool shrank (resize)"
+            return "exit"
         if lease.broken or lease.revoked is not None or self.retiring or self._due():
             self._why = "lost" if lease.broken else "replaced (max_lifetime or disconnect_all)"
             return "reconnect"
@@ -420,6 +476,14 @@ class Actor:
         if not clean:
             self._why = "recovery timed out or left the connection dirty"
             return "reconnect"
+        if lease.left_state:
+            try:
+                with trio.fail_after(self.config.cleanup_timeout):
+                    await self.host.reset_session(self, conn)
+            except Exception as exc:
+                self._why, self._why_error = "session reset failed", exc
+                return "reconnect"
+            self.statements = OrderedDict()
         self.host.report("recovered", self)
         self.host.ready(self)
         return "stay"

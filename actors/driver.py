@@ -6,12 +6,15 @@ lends it to one client at a time. The client task performs the I/O itself (DBCon
 "holder" idea), so every method below is called from the *client's* task, except ``close``,
 ``cancel`` and ``reset``, which the actor may call from its own task.
 
-Two kinds of failure matter to the pool and are told apart by type:
+Three kinds of failure matter to the pool and are told apart by type:
 
 * :class:`ConnectionLost`: this connection is dead (socket closed, server gone, protocol out of
   sync). The actor throws the connection away and connects a new one (crystal-db's rule).
 * :class:`DatabaseError`: the database refused this statement (syntax, constraint,
   serialization). The connection stays usable.
+* :class:`Misconfigured` (raised by :meth:`Driver.connect` only): the connect options can never
+  work (an invalid port number or ``sslmode``, an unknown option, a database file whose
+  directory does not exist). Retrying cannot help: the pool fails at once with the reason.
 
 Any other exception escaping a driver call is treated as a driver bug: the connection is
 considered broken and replaced.
@@ -40,6 +43,7 @@ __all__ = [
     "DatabaseError",
     "Driver",
     "ErrorKind",
+    "Misconfigured",
     "Params",
     "Row",
     "Status",
@@ -90,6 +94,17 @@ class DatabaseError(Exception):
         self.kind: ErrorKind = kind
 
 
+class Misconfigured(Exception):
+    """The connect options can never work: retrying cannot help.
+
+    Raised by :meth:`Driver.connect` for options the database library rejects before any I/O
+    (an invalid port number, an invalid ``sslmode``, an unknown connection option) or a database
+    that cannot exist (an SQLite file in a directory that does not exist). The actor does not
+    retry: the pool fails at once with this message. A server that is not up yet (connection
+    refused) is :class:`ConnectionLost`, not this.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class TransactionOptions:
     """What ``BEGIN`` should ask for.
@@ -119,7 +134,26 @@ class Cursor(Protocol):
 
 @runtime_checkable
 class Connection(Protocol):
-    """One live database connection, owned by one actor, lent to one client at a time."""
+    """One live database connection, owned by one actor, lent to one client at a time.
+
+    Optional methods (the pool looks them up with ``getattr`` and does without them):
+
+    * ``columns() -> list[str]`` (no I/O): the column names of the last result this
+      connection returned (``fetch``), as the database reported them; ``[]`` when it had
+      none. Cursors from :meth:`open_cursor` may have their own ``columns()``. Without it,
+      rows can only be tuples (``row_factory`` other than ``tuple_row`` raises).
+    * ``async execute_many(query, params_seq: list[Params]) -> int``: run one statement per
+      parameter set, total rows affected; pipelined where the database allows. Without it the
+      pool runs ``execute`` once per set (always inside one transaction).
+    * ``leaves_session_state(query) -> bool`` (no I/O): whether running ``query`` may leave
+      session state behind for the next lease (``SET``, temporary tables, ``LISTEN``,
+      advisory locks, ``PREPARE``, ``WITH HOLD`` cursors, SQLite pragmas and ``ATTACH``...);
+      err on the side of True. Used by ``reset="auto"``.
+    * ``async reset_session()``: drop every piece of session state a lease may have left
+      (PostgreSQL: ``DISCARD ALL``, and forget the driver's own prepared statements, which it
+      drops; SQLite: temporary tables, attached databases, changed pragmas). Called by the
+      actor only, on an idle connection; raise :class:`ConnectionLost` if it cannot be done.
+    """
 
     def status(self) -> Status:
         """The transaction status the database last reported; no I/O."""
@@ -216,8 +250,9 @@ class Driver(Protocol):
 
     async def connect(self, options: Mapping[str, Any]) -> Connection:
         """Open a new connection. Raise :class:`ConnectionLost` when the database cannot be
-        reached (the actor retries with backoff) and :class:`DatabaseError` for a refusal it
-        reports (bad credentials, unknown database)."""
+        reached (the actor retries with backoff), :class:`DatabaseError` for a refusal it
+        reports (bad credentials, unknown database) and :class:`Misconfigured` for options that
+        can never work (the pool fails at once, without retrying)."""
         ...
 
     def secrets(self, options: Mapping[str, Any]) -> list[str]:

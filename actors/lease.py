@@ -12,7 +12,9 @@ Rules:
 * The flags only ever go from "clean" to "dirty" during a lease: ``interrupted`` (a call was
   cancelled or timed out midway: protocol state unknown), ``broken`` (the driver said the
   connection is dead), ``killed`` (``Connection.kill()``), ``revoked`` (the actor took the
-  connection back: hold deadline, kill, shutdown; the reason is the message later calls raise).
+  connection back: hold deadline, kill, shutdown; the reason is the message later calls raise),
+  ``left_state`` (the holder may have changed session state: the actor resets the session
+  before anyone else gets the connection).
 * ``op_task`` / ``op_scope`` are set by the holder around each driver call and cleared by
   :meth:`Lease.op_finished`; the actor reads them to know whether a call is in flight.
 """
@@ -20,6 +22,7 @@ Rules:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Protocol
 
 import trio
@@ -40,6 +43,12 @@ class LeaseOwner(Protocol):
     @property
     def retiring(self) -> bool:
         """The connection is due for replacement: do not put it back in the idle set."""
+        ...
+
+    @property
+    def statements(self) -> OrderedDict[str, None]:
+        """The statement texts prepared on the current connection, least recently used first
+        (emptied on every new connection and by a session reset)."""
         ...
 
     def kill(self, why: str, generation: int) -> None:
@@ -64,6 +73,7 @@ class Lease:
         "hold_deadline",
         "interrupted",
         "killed",
+        "left_state",
         "op_scope",
         "op_task",
         "revoked",
@@ -78,6 +88,7 @@ class Lease:
         self.killed = False
         self.interrupted = False
         self.broken = False
+        self.left_state = False  # may have changed session state: reset before the next lease
         self.op_task: trio.lowlevel.Task | None = None
         self.op_scope: trio.CancelScope | None = None
         self._op_done: trio.Event | None = None

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import trio
+
 from actors.lease import Lease
 
-__all__ = ["Checkin", "Disconnect", "Kill", "Message"]
+__all__ = ["Check", "Checkin", "Disconnect", "Exit", "Kill", "Message"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,4 +41,18 @@ class Disconnect:
     at: float
 
 
-Message = Checkin | Kill | Disconnect
+@dataclass(frozen=True, slots=True)
+class Check:
+    """Ping the connection now if it is idle (``Pool.check``); reply True if it was found dead
+    (the actor then replaces it), False otherwise."""
+
+    reply: trio.MemorySendChannel[bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """The pool shrank (``Pool.resize``): close the connection and end this slot, at once if
+    idle, else when its holder gives it back."""
+
+
+Message = Checkin | Kill | Disconnect | Check | Exit

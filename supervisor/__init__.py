@@ -30,6 +30,7 @@ from supervisor.handles import Connection, PreparedStatement, Stream, Transactio
 from supervisor.limits import SafetyLimits
 from supervisor.log import LogEntry
 from supervisor.pool import Pool, PoolContext, PoolStatistics, open_pool
+from supervisor.statements import Statement
 
 __all__ = [
     "Backoff",
@@ -52,6 +53,7 @@ __all__ = [
     "Rollback",
     "SafetyLimits",
     "SerializationFailure",
+    "Statement",
     "Stream",
     "Transaction",
     "TransactionFailed",

@@ -18,7 +18,7 @@ Ctrl-C cannot fall between getting a lease and owning it.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal, NoReturn, TypeVar, final
 
@@ -34,7 +34,8 @@ from supervisor.errors import (
     TransactionFailed,
 )
 from supervisor.lender import Lender
-from supervisor.session import Session, TxScope, short
+from supervisor.rows import RowFactory, RowMaker, tuple_row
+from supervisor.session import Query, Session, TxScope, short
 
 __all__ = [
     "Connection",
@@ -83,28 +84,83 @@ class Connection:
             )
         return self._session
 
-    async def execute(self, query: str, params: drv.Params = None) -> int:
-        """Run a statement; return the number of rows affected (-1 when the driver cannot tell)."""
+    async def _sql(self, s: Session, query: Query) -> str:
+        """The SQL text of ``query``; for a :class:`~supervisor.Statement`, prepared on this
+        physical connection first if it is not yet (Racket's virtual statement)."""
+        if type(query) is str:
+            return query
+        text = getattr(query, "text", None)
+        if not isinstance(text, str):
+            raise ConfigError(
+                f"a query must be SQL text or a pool.statement(...), not {type(query).__name__}",
+                pool=s.reporter.name,
+            )
+        cache = s.actor.statements
+        if text in cache:
+            cache.move_to_end(text)
+            return text
+        await s.call("prepare", s.conn.prepare, text, query=text)
+        cache[text] = None
+        if len(cache) > s.statement_cache_size:
+            cache.popitem(last=False)
+        return text
+
+    async def execute(self, query: Query, params: drv.Params = None) -> int:
+        """Run a statement; return the number of rows affected (-1 when the driver cannot tell).
+        ``query`` is SQL text or a :class:`~supervisor.Statement`."""
         s = self._s()
+        sql = await self._sql(s, query)
         return await s.call(
-            "execute", s.conn.execute, query, params, query=query, params=params,
+            "execute", s.conn.execute, sql, params, query=sql, params=params,
             oneshot=self._oneshot,
         )
 
-    async def fetch_all(self, query: str, params: drv.Params = None) -> list[drv.Row]:
-        """Run a query and return all rows as tuples."""
+    async def execute_many(self, query: Query, params_seq: Iterable[drv.Params]) -> int:
+        """Run one statement once per parameter set; return the total rows affected.
+        Atomic: outside a transaction it runs in one (inside one, it is part of it).
+        Pipelined on PostgreSQL."""
         s = self._s()
-        return await s.call(
-            "fetch_all", s.conn.fetch, query, params, query=query, params=params,
+        sql = await self._sql(s, query)
+        batch = list(params_seq)
+        if s.scopes:
+            return await self._execute_many(s, sql, batch)
+        async with self.transaction():
+            total = await self._execute_many(s, sql, batch)
+        return total
+
+    async def _execute_many(self, s: Session, sql: str, batch: list[drv.Params]) -> int:
+        many = getattr(s.conn, "execute_many", None)
+        if many is not None:
+            total: int = await s.call(
+                "execute_many", many, sql, batch, query=sql, oneshot=self._oneshot
+            )
+            return total
+        total = 0
+        for params in batch:
+            count = await s.call("execute", s.conn.execute, sql, params, query=sql,
+                                 params=params, oneshot=self._oneshot)
+            total += max(count, 0)
+        return total
+
+    async def fetch_all(
+        self, query: Query, params: drv.Params = None, *, row_factory: RowFactory | None = None
+    ) -> list[Any]:
+        """Run a query and return all rows (tuples, or what ``row_factory`` makes)."""
+        s = self._s()
+        sql = await self._sql(s, query)
+        rows = await s.call(
+            "fetch_all", s.conn.fetch, sql, params, query=sql, params=params,
             oneshot=self._oneshot,
         )
+        return _made(s, rows, row_factory)
 
     async def _fetch_exactly_one(
-        self, call: str, query: str, params: drv.Params, optional: bool
+        self, call: str, query: Query, params: drv.Params, optional: bool
     ) -> drv.Row | None:
         s = self._s()
+        sql = await self._sql(s, query)
         rows = await s.call(
-            call, s.conn.fetch, query, params, query=query, params=params, oneshot=self._oneshot
+            call, s.conn.fetch, sql, params, query=sql, params=params, oneshot=self._oneshot
         )
         if len(rows) == 1:
             return rows[0]
@@ -112,48 +168,63 @@ class Connection:
             return None
         expected = "at most one row" if optional else "exactly one row"
         raise CardinalityError(
-            f"{call} expected {expected}, got {len(rows)}, from query: {short(query)}",
+            f"{call} expected {expected}, got {len(rows)}, from query: {short(sql)}",
             pool=s.reporter.name,
-            query=query,
+            query=sql,
             expected=expected,
             actual=len(rows),
         )
 
     async def fetch_one(
-        self, query: str, params: drv.Params = None, *, optional: bool = False
-    ) -> drv.Row | None:
-        """Return the only row of the result.
+        self,
+        query: Query,
+        params: drv.Params = None,
+        *,
+        optional: bool = False,
+        row_factory: RowFactory | None = None,
+    ) -> Any:
+        """Return the only row of the result (a tuple, or what ``row_factory`` makes).
 
         Raises ``CardinalityError`` for zero rows (unless ``optional``, then None) or for more
         than one row.
         """
-        return await self._fetch_exactly_one("fetch_one", query, params, optional)
+        row = await self._fetch_exactly_one("fetch_one", query, params, optional)
+        if row is None:
+            return None
+        return _made(self._session, [row], row_factory)[0]
 
     async def fetch_val(
-        self, query: str, params: drv.Params = None, *, optional: bool = False
+        self, query: Query, params: drv.Params = None, *, optional: bool = False
     ) -> Any:
         """Return the first column of the only row (same row rules as :meth:`fetch_one`)."""
         row = await self._fetch_exactly_one("fetch_val", query, params, optional)
         if row is None:
             return None
         if not row:
+            sql = query if isinstance(query, str) else str(getattr(query, "text", query))
             raise CardinalityError(
-                f"fetch_val expected at least one column, got none, from query: {short(query)}",
-                pool=self._session.reporter.name, query=query, expected="one column", actual=0,
+                f"fetch_val expected at least one column, got none, from query: {short(sql)}",
+                pool=self._session.reporter.name, query=sql, expected="one column", actual=0,
             )
         return row[0]
 
-    async def fetch_column(self, query: str, params: drv.Params = None) -> list[Any]:
+    async def fetch_column(self, query: Query, params: drv.Params = None) -> list[Any]:
         """Return the first column of every row."""
         s = self._s()
+        sql = await self._sql(s, query)
         rows = await s.call(
-            "fetch_column", s.conn.fetch, query, params, query=query, params=params,
+            "fetch_column", s.conn.fetch, sql, params, query=sql, params=params,
             oneshot=self._oneshot,
         )
         return [row[0] for row in rows]
 
     def stream(
-        self, query: str, params: drv.Params = None, *, batch_size: int = 1000
+        self,
+        query: Query,
+        params: drv.Params = None,
+        *,
+        batch_size: int = 1000,
+        row_factory: RowFactory | None = None,
     ) -> Stream:
         """Iterate the rows of a large result with bounded memory (``batch_size`` rows at a
         time; a server-side cursor on PostgreSQL). Use as ``async for row in conn.stream(q)``;
@@ -164,7 +235,7 @@ class Connection:
                 f"stream batch_size must be a positive integer, not {batch_size!r}",
                 pool=s.reporter.name,
             )
-        return Stream(self, query, params, batch_size)
+        return Stream(self, query, params, batch_size, row_factory)
 
     async def prepare(self, query: str) -> PreparedStatement:
         """Prepare ``query`` on this connection; the result runs it with new parameters and is
@@ -261,13 +332,23 @@ class PreparedStatement:
         """Run it; return the rows affected."""
         return await self._conn.execute(self.query, params)
 
-    async def fetch_all(self, params: drv.Params = None) -> list[drv.Row]:
+    async def fetch_all(
+        self, params: drv.Params = None, *, row_factory: RowFactory | None = None
+    ) -> list[Any]:
         """Run it; return all rows."""
-        return await self._conn.fetch_all(self.query, params)
+        return await self._conn.fetch_all(self.query, params, row_factory=row_factory)
 
-    async def fetch_one(self, params: drv.Params = None, *, optional: bool = False) -> Any:
+    async def fetch_one(
+        self,
+        params: drv.Params = None,
+        *,
+        optional: bool = False,
+        row_factory: RowFactory | None = None,
+    ) -> Any:
         """Run it; return the only row."""
-        return await self._conn.fetch_one(self.query, params, optional=optional)
+        return await self._conn.fetch_one(
+            self.query, params, optional=optional, row_factory=row_factory
+        )
 
     async def fetch_val(self, params: drv.Params = None, *, optional: bool = False) -> Any:
         """Run it; return the only value."""
@@ -284,21 +365,28 @@ class Stream:
     manager (``async with conn.stream(q) as rows: async for row in rows``)."""
 
     def __init__(
-        self, conn: Connection, query: str, params: drv.Params, batch_size: int
+        self,
+        conn: Connection,
+        query: Query,
+        params: drv.Params,
+        batch_size: int,
+        row_factory: RowFactory | None = None,
     ) -> None:
         self._conn = conn
         self._query = query
         self._params = params
         self._batch_size = batch_size
+        self._row_factory = row_factory
+        self._make: RowMaker | None = None
         self._cursor: drv.Cursor | None = None
-        self._batch: list[drv.Row] = []
+        self._batch: list[Any] = []
         self._pos = 0
         self._done = False
 
-    def __aiter__(self) -> AsyncIterator[drv.Row]:
+    def __aiter__(self) -> AsyncIterator[Any]:
         return self
 
-    async def __anext__(self) -> drv.Row:
+    async def __anext__(self) -> Any:
         if self._pos < len(self._batch):
             row = self._batch[self._pos]
             self._pos += 1
@@ -307,17 +395,24 @@ class Stream:
             raise StopAsyncIteration
         s = self._conn._s()
         if self._cursor is None:
+            sql = await self._conn._sql(s, self._query)
             self._cursor = await s.call(
-                "stream", s.conn.open_cursor, self._query, self._params, self._batch_size,
-                query=self._query, params=self._params,
+                "stream", s.conn.open_cursor, sql, self._params, self._batch_size,
+                query=sql, params=self._params,
             )
             s.streams.add(self)
-        batch = await s.call("stream", self._cursor.fetch_batch, query=self._query)
+            factory = self._row_factory or s.row_factory
+            if factory is not tuple_row:
+                self._make = factory(_columns(s, self._cursor))
+        sql_text = self._query if isinstance(self._query, str) else None
+        batch = await s.call("stream", self._cursor.fetch_batch, query=sql_text)
         if not batch:
             await self.aclose()
             raise StopAsyncIteration
-        self._batch, self._pos = batch, 1
-        return batch[0]
+        make = self._make
+        self._batch = batch if make is None else [make(row) for row in batch]
+        self._pos = 1
+        return self._batch[0]
 
     async def aclose(self) -> None:
         """Close the cursor now (also done at the end of the iteration and of the block)."""
@@ -403,6 +498,27 @@ class RunBlock:
         handle._closed = True
         if self._owner:
             self._lender.checkin(handle._session)
+
+
+def _columns(s: Session, source: object) -> list[str]:
+    columns = getattr(source, "columns", None)
+    if columns is None:
+        raise PoolError(
+            f"the {type(source).__name__} of this pool's driver does not report column names, "
+            "so rows can only be tuples (row_factory=tuple_row)",
+            pool=s.reporter.name,
+        )
+    names: list[str] = columns()
+    return names
+
+
+def _made(s: Session, rows: list[drv.Row], row_factory: RowFactory | None) -> list[Any]:
+    """``rows`` as the row factory (this call's, else the pool's) makes them."""
+    factory = row_factory or s.row_factory
+    if factory is tuple_row:
+        return rows
+    make = factory(_columns(s, s.conn))
+    return [make(row) for row in rows]
 
 
 def _not_a_handle(pool: str, call: str, var: str, attribute: str | None = None) -> str:

@@ -22,6 +22,7 @@ Rules:
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import random
@@ -96,6 +97,7 @@ class Lender:
         reporter: Reporter,
         *,
         after_connect: AfterConnect | None = None,
+        reset_session: AfterConnect | None = None,
     ) -> None:
         self.name = options.name
         self.driver = driver
@@ -112,11 +114,14 @@ class Lender:
         self.grow: Callable[[int], None] | None = None  # set by the pool: start slot `index`
         self._configure = options.configure
         self._after_connect = after_connect
+        self._reset_session = reset_session
+        self.settings = options.session_settings
         self._queue_interval = options.queue_interval
         self._queue = WaiterQueue(CoDel(options.queue_target, options.queue_interval))
         self._idle: deque[Actor] = deque()
         self._actors: dict[int, Actor] = {}
         self._all_returned: trio.Event | None = None
+        self._ready_waiters: list[trio.Event] = []
         backoff = options.backoff
         self.config = ActorConfig(
             driver=driver,
@@ -200,7 +205,9 @@ class Lender:
     ) -> Session:
         """Lend ``actor``'s connection to ``task``: one step, safe from KeyboardInterrupt."""
         assert actor.conn is not None
-        session = Session(self.reporter, self.limits, actor, actor.conn, actor.generation, task)
+        session = Session(
+            self.reporter, self.limits, actor, actor.conn, actor.generation, task, self.settings
+        )
         actor.lend(session, returning)
         self.holders[task] = session
         self.leases_out += 1
@@ -265,6 +272,10 @@ class Lender:
             self._queue.codel.on_idle()
         actor.mark_idle(now, returning)
         self._idle.append(actor)
+        if self._ready_waiters and len(self._idle) >= self.min_size:
+            for event in self._ready_waiters:
+                event.set()
+            self._ready_waiters.clear()
 
     def withdraw(self, actor: Actor) -> bool:
         """Take ``actor`` out of the idle set (for a ping, a replacement, shutdown)."""
@@ -282,11 +293,13 @@ class Lender:
         staying = sum(1 for a in self._actors.values() if not a.exiting)
         return staying > self.min_size
 
-    def configure(self, options: Mapping[str, Any], index: int) -> Mapping[str, Any]:
-        """Options for the next connect attempt (the ``configure=`` hook, if any)."""
+    async def configure(self, options: Mapping[str, Any], index: int) -> Mapping[str, Any]:
+        """Options for the next connect attempt (the ``configure=`` hook, plain or async)."""
         options = dict(options)
         if self._configure is not None:
             result = self._configure(options, index)
+            if inspect.isawaitable(result):
+                result = await result
             if not isinstance(result, Mapping):
                 raise ConfigError(
                     f"configure= must return a mapping of connect options, not "
@@ -302,6 +315,11 @@ class Lender:
         if self._after_connect is None:
             return
         await self._after_connect(actor, conn)
+
+    async def reset_session(self, actor: Actor, conn: drv.Connection) -> None:
+        """Reset the session a lease left dirty (given by the pool: ``reset=``)."""
+        if self._reset_session is not None:
+            await self._reset_session(actor, conn)
 
     def report(
         self, event: str, actor: Actor, *, error: BaseException | None = None, message: str = ""
@@ -347,6 +365,62 @@ class Lender:
         starting = sum(1 for a in self._actors.values() if a.state in ("connecting", "backoff"))
         if starting <= len(self._queue):
             self.grow(self.new_slot())
+
+    def resize(self, min_size: int, max_size: int) -> None:
+        """New size bounds (validated by the pool): start slots up to ``min_size``; retire the
+        slots above ``max_size``, idle ones first, then the highest index."""
+        self.min_size, self.max_size = min_size, max_size
+        while self.grow is not None and self.state == "open" and len(self._staying()) < min_size:
+            self.grow(self.new_slot())
+        staying = self._staying()
+        excess = len(staying) - max_size
+        if excess > 0:
+            staying.sort(key=lambda a: (a.state != "idle", -a.index))
+            for actor in staying[:excess]:
+                actor.retire_slot()
+
+    def _staying(self) -> list[Actor]:
+        return [a for a in self._actors.values() if not a.exiting]
+
+    async def wait_ready(self, timeout: float | None) -> None:
+        """Return once ``min_size`` connections are idle; ``CheckoutTimeout`` after
+        ``timeout`` (default ``limits.checkout_timeout``)."""
+        if self.state != "open":
+            await trio.lowlevel.checkpoint()
+            raise self.closed_error()
+        if len(self._idle) >= self.min_size:
+            await trio.lowlevel.checkpoint()
+            return
+        if timeout is None:
+            timeout = self.limits.checkout_timeout
+        event = trio.Event()
+        self._ready_waiters.append(event)
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            await event.wait()
+            return
+        if event in self._ready_waiters:
+            self._ready_waiters.remove(event)
+        assert timeout is not None
+        raise CheckoutTimeout(
+            f"wait(): {len(self._idle)} of min_size={self.min_size} connections ready after "
+            f"{timeout:g}s ({self.load()})",
+            pool=self.name,
+        )
+
+    async def check(self, bound: float) -> int:
+        """Have every idle connection's actor ping it now; return how many were dead (their
+        actors replace them). Bounded by ``bound`` seconds."""
+        idle = list(self._idle)
+        send, receive = trio.open_memory_channel[bool](math.inf)
+        for actor in idle:
+            actor.check(send)
+        dead = 0
+        with trio.move_on_after(bound):
+            for _ in idle:
+                dead += await receive.receive()
+        if not idle:
+            await trio.lowlevel.checkpoint()
+        return dead
 
     # -- queue ------------------------------------------------------------------------------------
 

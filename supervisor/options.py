@@ -14,18 +14,39 @@ import itertools
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, final
+from typing import Any, Literal, final
 
 from supervisor.backoff import Backoff
 from supervisor.errors import ConfigError
 from supervisor.limits import SafetyLimits
 from supervisor.log import LogHook
+from supervisor.rows import RowFactory, tuple_row
 from supervisor.validate import check_number
 
-__all__ = ["Configure", "PoolOptions"]
+__all__ = ["DEFAULT_SETTINGS", "Configure", "PoolOptions", "ResetMode", "SessionSettings"]
 
-Configure = Callable[[Mapping[str, Any], int], Mapping[str, Any]]
-"""The ``configure=`` hook: ``fn(options, index) -> options`` before every connect."""
+ResetMode = Literal["auto", "always", "never"]
+"""How a lease's session state is cleaned before the next lease (``open_pool(reset=...)``; a
+custom async function counts as ``"always"`` for the sessions)."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """The pool options a session reads on every call."""
+
+    row_factory: RowFactory = tuple_row
+    statement_cache_size: int = 100
+    reset: ResetMode = "auto"
+
+
+DEFAULT_SETTINGS = SessionSettings()
+
+Configure = Callable[
+    [Mapping[str, Any], int], Mapping[str, Any] | Awaitable[Mapping[str, Any]]
+]
+"""The ``configure=`` hook: ``fn(options, index) -> options`` (plain or async) before every
+connect: credential rotation."""
 
 _names = itertools.count(1)
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,30}")
@@ -55,6 +76,9 @@ class PoolOptions:
     max_restarts: int = 10
     restart_window: float = 60.0
     seed: int | None = None
+    row_factory: RowFactory = tuple_row
+    statement_cache_size: int = 100
+    reset: ResetMode | Callable[[Any], Awaitable[Any]] = "auto"
 
     def __post_init__(self) -> None:
         pool = self.name
@@ -103,6 +127,39 @@ class PoolOptions:
         seed = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError(f"option seed must be an integer or None, not {seed!r}", pool=pool)
+        if not callable(self.row_factory):
+            raise ConfigError(
+                "option row_factory must be a row factory such as supervisor.rows.dict_row, "
+                f"not {self.row_factory!r}",
+                pool=pool,
+            )
+        number("statement_cache_size", integer=True)
+        reset = self.reset
+        if isinstance(reset, str):
+            if reset not in ("auto", "always", "never"):
+                raise ConfigError(
+                    f"option reset must be 'auto', 'always', 'never' or an async function, "
+                    f"not {reset!r}",
+                    pool=pool,
+                )
+        elif not callable(reset) or (
+            inspect.isfunction(reset) and not inspect.iscoroutinefunction(reset)
+        ):
+            raise ConfigError(
+                "option reset must be 'auto', 'always', 'never' or an async function "
+                f"(async def reset(conn)), not {reset!r}",
+                pool=pool,
+            )
+
+    @property
+    def session_settings(self) -> SessionSettings:
+        """What every session of the pool reads (a custom reset function resets always)."""
+        reset = self.reset if isinstance(self.reset, str) else "always"
+        return SessionSettings(
+            row_factory=self.row_factory,
+            statement_cache_size=self.statement_cache_size,
+            reset=reset,
+        )
 
     @classmethod
     def build(

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar, final
 
 import trio
 
+import supervisor.statements as statements
 from actors import driver as drv
 from actors.actor import Actor
-from actors.driver import Driver, Params, Row
+from actors.driver import Driver, Params
 from supervisor.backoff import Backoff
 from supervisor.errors import ConfigError, PoolError, SerializationFailure
 from supervisor.groups import single_error
@@ -31,21 +32,25 @@ from supervisor.handles import (
     Connection,
     RunBlock,
     TransactionBlock,
-    one_shot,
     transaction_options,
 )
 from supervisor.lender import Lender, PoolStatistics
 from supervisor.limits import SafetyLimits
 from supervisor.log import LogHook
-from supervisor.options import Configure, PoolOptions
+from supervisor.options import Configure, PoolOptions, ResetMode, SessionSettings
 from supervisor.reporter import Reporter
-from supervisor.session import Session
+from supervisor.rows import RowFactory, tuple_row
+from supervisor.session import Query, Session
+from supervisor.statements import Statement
 from supervisor.supervision import Supervisor
 from supervisor.validate import check_number
 
 __all__ = ["Pool", "PoolContext", "PoolStatistics", "open_pool"]
 
 _T = TypeVar("_T")
+
+_HOOK_SETTINGS = SessionSettings(reset="never")
+"""Sessions of the pool's own hooks: what after_connect sets up is the session's baseline."""
 
 
 class _NoPublicConstructor(type):
@@ -76,7 +81,11 @@ class Pool(metaclass=_NoPublicConstructor):
         self._options = options
         self._reporter = Reporter(options.name, options.log, log_params=options.log_params)
         self._lender = Lender(
-            driver, options, self._reporter, after_connect=self._run_after_connect
+            driver,
+            options,
+            self._reporter,
+            after_connect=self._run_after_connect,
+            reset_session=self._run_reset,
         )
         self._supervisor: Supervisor | None = None
 
@@ -198,33 +207,78 @@ class Pool(metaclass=_NoPublicConstructor):
                 attempt += 1
                 await trio.sleep(self._lender.rng.uniform(0, 0.01 * 2**attempt))
 
-    async def execute(self, query: str, params: Params = None) -> int:
+    async def execute(self, query: Query, params: Params = None) -> int:
         """One-shot :meth:`Connection.execute` (on the task's held connection, if any). Never
         retried: a write may have committed before a connection dropped."""
-        return await one_shot(self._lender, lambda c: c.execute(query, params), retry=False)
+        return await statements.execute(self._lender, query, params)
 
-    async def fetch_all(self, query: str, params: Params = None) -> list[Row]:
+    async def execute_many(self, query: Query, params_seq: Iterable[Params]) -> int:
+        """One-shot :meth:`Connection.execute_many`: one statement per parameter set, in one
+        transaction (or in the task's own); returns the total rows affected."""
+        return await statements.execute_many(self._lender, query, params_seq)
+
+    async def fetch_all(
+        self, query: Query, params: Params = None, *, row_factory: RowFactory | None = None
+    ) -> list[Any]:
         """One-shot :meth:`Connection.fetch_all`; retried once on a lost connection when it ran
         on its own lease."""
-        return await one_shot(self._lender, lambda c: c.fetch_all(query, params), retry=True)
+        return await statements.fetch_all(self._lender, query, params, row_factory)
 
     async def fetch_one(
-        self, query: str, params: Params = None, *, optional: bool = False
-    ) -> Row | None:
+        self,
+        query: Query,
+        params: Params = None,
+        *,
+        optional: bool = False,
+        row_factory: RowFactory | None = None,
+    ) -> Any:
         """One-shot :meth:`Connection.fetch_one` (retried once on a lost connection)."""
-        return await one_shot(
-            self._lender, lambda c: c.fetch_one(query, params, optional=optional), retry=True
-        )
+        return await statements.fetch_one(self._lender, query, params, optional, row_factory)
 
-    async def fetch_val(self, query: str, params: Params = None, *, optional: bool = False) -> Any:
+    async def fetch_val(
+        self, query: Query, params: Params = None, *, optional: bool = False
+    ) -> Any:
         """One-shot :meth:`Connection.fetch_val` (retried once on a lost connection)."""
-        return await one_shot(
-            self._lender, lambda c: c.fetch_val(query, params, optional=optional), retry=True
-        )
+        return await statements.fetch_val(self._lender, query, params, optional)
 
-    async def fetch_column(self, query: str, params: Params = None) -> list[Any]:
+    async def fetch_column(self, query: Query, params: Params = None) -> list[Any]:
         """One-shot :meth:`Connection.fetch_column` (retried once on a lost connection)."""
-        return await one_shot(self._lender, lambda c: c.fetch_column(query, params), retry=True)
+        return await statements.fetch_column(self._lender, query, params)
+
+    def statement(self, query: str) -> Statement:
+        """A :class:`Statement` for ``query`` (sync, no I/O): prepared lazily once per physical
+        connection, again after a reconnect; usable through the pool or on any handle."""
+        if not isinstance(query, str):
+            raise ConfigError(
+                f"pool.statement() takes SQL text, not {type(query).__name__}", pool=self.name
+            )
+        return Statement(self._lender, query)
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Return once ``min_size`` connections are idle (ready for clients); raise
+        ``CheckoutTimeout`` after ``timeout`` seconds (default ``limits.checkout_timeout``),
+        saying why (the last connect error, if connects are failing)."""
+        if timeout is not None:
+            _check_timeout(self.name, timeout)
+        await self._lender.wait_ready(timeout)
+
+    async def check(self) -> int:
+        """Ping every idle connection now; the dead ones are replaced. Returns how many were
+        found dead (it does not wait for their replacements)."""
+        return await self._lender.check(self.limits.cleanup_timeout)
+
+    def resize(self, min_size: int | None = None, max_size: int | None = None) -> None:
+        """Change the pool's size bounds now (sync; ``ConfigError`` on bad values, and then
+        nothing changes). Growing ``min_size`` starts connections; lowering ``max_size`` closes
+        idle ones above it at once and busy ones when they are given back."""
+        lender = self._lender
+        lo = lender.min_size if min_size is None else min_size
+        hi = lender.max_size if max_size is None else max_size
+        check_number("min_size", lo, pool=self.name, integer=True, zero=True)
+        check_number("max_size", hi, pool=self.name, integer=True)
+        if lo > hi:
+            raise ConfigError(f"min_size ({lo}) must not exceed max_size ({hi})", pool=self.name)
+        lender.resize(lo, hi)
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of sizes and counters."""
@@ -258,7 +312,8 @@ class Pool(metaclass=_NoPublicConstructor):
             return
         task = trio.lowlevel.current_task()
         lender = self._lender
-        session = Session(self._reporter, self.limits, actor, conn, actor.generation, task)
+        session = Session(self._reporter, self.limits, actor, conn, actor.generation, task,
+                          _HOOK_SETTINGS)
         handle = Connection(session)
         lender.holders[task] = session
         try:
@@ -271,6 +326,31 @@ class Pool(metaclass=_NoPublicConstructor):
             raise PoolError(
                 "after_connect left the connection busy or in a transaction", pool=self.name
             )
+
+    async def _run_reset(self, actor: Actor, conn: drv.Connection) -> None:
+        """Reset a session a lease left dirty: the user's ``reset=`` function (with a handle),
+        or the driver's own reset; then ``after_connect`` again, so the next lease finds the
+        connection as a new one."""
+        reset = self._options.reset
+        if callable(reset):
+            task = trio.lowlevel.current_task()
+            session = Session(self._reporter, self.limits, actor, conn, actor.generation, task,
+                              _HOOK_SETTINGS)
+            handle = Connection(session)
+            try:
+                await reset(handle)
+            finally:
+                handle._closed = True
+            if session.interrupted or session.broken or conn.status() != "idle":
+                raise PoolError(
+                    "the reset= function left the connection busy or in a transaction",
+                    pool=self.name,
+                )
+            return
+        driver_reset = getattr(conn, "reset_session", None)
+        if driver_reset is not None:
+            await driver_reset()
+        await self._run_after_connect(actor, conn)
 
     def _start_slot(self, index: int) -> None:
         assert self._supervisor is not None
@@ -315,6 +395,8 @@ def _check_timeout(pool: str, timeout: float | None) -> None:
 
 # -- open_pool ------------------------------------------------------------------------------------
 
+_KEYWORDS = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_]*\s*=")
+
 
 def _driver_for(target: str | Driver, name: str) -> Driver:
     if not isinstance(target, str):
@@ -327,6 +409,20 @@ def _driver_for(target: str | Driver, name: str) -> Driver:
             )
         return target
     scheme = target.split(":", 1)[0].lower() if ":" in target else ""
+    if "://" not in target and _KEYWORDS.match(target):
+        scheme = "postgresql"  # a libpq keyword string: "host=... dbname=..."
+        try:
+            from actors.psycopg import PsycopgDriver
+        except ImportError as exc:
+            raise ConfigError(
+                f"the postgresql driver is not installed ({exc}); install "
+                "trio-connection-supervisor[postgresql]",
+                pool=name,
+            ) from exc
+        try:
+            return PsycopgDriver(target)
+        except ValueError as exc:
+            raise ConfigError(f"bad libpq keyword target: {exc}", pool=name) from exc
     try:
         if scheme in ("postgresql", "postgres"):
             from actors.psycopg import from_url as pg_from_url
@@ -373,6 +469,9 @@ def open_pool(
     max_restarts: int = 10,
     restart_window: float = 60.0,
     seed: int | None = None,
+    row_factory: RowFactory = tuple_row,
+    statement_cache_size: int = 100,
+    reset: ResetMode | Callable[[Connection], Awaitable[Any]] = "auto",
 ) -> PoolContext:
     """Open a pool: ``async with open_pool("sqlite:///app.db", size=4) as pool``.
 
@@ -392,6 +491,12 @@ def open_pool(
     query parameters. ``name``: appears in every error message and log entry.
     ``max_restarts`` / ``restart_window``: restart intensity (more crashes than that within the
     window fail the pool). ``seed``: makes jitter and backoff reproducible.
+    ``row_factory``: how rows come back by default (:mod:`supervisor.rows`).
+    ``statement_cache_size``: statements kept prepared per connection (least recently used
+    evicted). ``reset``: session hygiene between leases: ``"auto"`` (default: reset only after
+    a lease whose statements may have changed session state, at no cost otherwise),
+    ``"always"``, ``"never"``, or an ``async fn(conn)`` awaited after every lease instead of the
+    built-in reset.
 
     Returns a :class:`PoolContext`, an async context manager that yields the :class:`Pool`.
     """
@@ -415,6 +520,9 @@ def open_pool(
         max_restarts=max_restarts,
         restart_window=restart_window,
         seed=seed,
+        row_factory=row_factory,
+        statement_cache_size=statement_cache_size,
+        reset=reset,
     )
     driver = _driver_for(target, options.name)
     return PoolContext._create(Pool._create(driver, options), owns_driver=isinstance(target, str))

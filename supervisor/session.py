@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, final
+from typing import Any, Protocol, TypeVar, final
 
 import trio
 
@@ -44,9 +44,21 @@ from supervisor.errors import (
 )
 from supervisor.limits import SafetyLimits
 from supervisor.log import LogEntry
+from supervisor.options import DEFAULT_SETTINGS, SessionSettings
 from supervisor.reporter import Reporter
 
-__all__ = ["Session", "TxScope", "short"]
+__all__ = ["Query", "Session", "StatementLike", "TxScope", "short"]
+
+class StatementLike(Protocol):
+    """A :class:`~supervisor.Statement`, as a handle sees it: its SQL text."""
+
+    @property
+    def text(self) -> str: ...
+
+
+Query = str | StatementLike
+"""What a handle method runs: SQL text, or a statement from ``pool.statement(...)``."""
+
 
 T = TypeVar("T")
 _SERIALIZATION_STATES = frozenset({"40001", "40P01"})
@@ -84,10 +96,13 @@ class Session(Lease):
         "limits",
         "needs_reset",
         "reporter",
+        "row_factory",
         "savepoints",
         "scopes",
+        "statement_cache_size",
         "streams",
         "task",
+        "watch_state",
     )
 
     def __init__(
@@ -98,11 +113,18 @@ class Session(Lease):
         conn: drv.Connection,
         generation: int,
         task: trio.lowlevel.Task | None,
+        settings: SessionSettings = DEFAULT_SETTINGS,
     ) -> None:
         super().__init__(actor, conn, generation)
         self.reporter = reporter
         self.limits = limits
         self.task = task
+        self.row_factory = settings.row_factory
+        self.statement_cache_size = settings.statement_cache_size
+        # reset="auto": watch the statements for session state (drivers that can tell);
+        # "always": dirty from the start
+        self.watch_state = settings.reset == "auto" and hasattr(conn, "leaves_session_state")
+        self.left_state = settings.reset == "always"
         self.scopes: list[TxScope] = []
         self.savepoints = 0
         self.streams: set[object] = set()  # open handles.Stream objects
@@ -120,6 +142,7 @@ class Session(Lease):
             or self.broken
             or self.needs_reset
             or self.streams
+            or self.left_state
             or self.killed
             or self.actor.retiring
             or self.conn.status() != "idle"
@@ -164,6 +187,16 @@ class Session(Lease):
     ) -> T:
         """Run one driver call in the caller's task, with every rule of the module docstring."""
         self._enter()
+        if query is not None:
+            if "\x00" in query:
+                await trio.lowlevel.checkpoint()
+                raise QueryError(
+                    "the SQL text contains a NUL character (\\x00), which PostgreSQL would "
+                    f"silently cut the statement at; refusing to run {name}: {short(query)!r}",
+                    pool=self.reporter.name, query=query,
+                )
+            if self.watch_state and not self.left_state:
+                self.left_state = self.conn.leaves_session_state(query)  # type: ignore[attr-defined]
         if check_failed and self.scopes and self.scopes[-1].failed:
             await trio.lowlevel.checkpoint()
             raise TransactionFailed(

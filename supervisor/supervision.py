@@ -5,17 +5,22 @@ actor task ending with an exception (a bug, or backoff kind ``stop`` giving up).
 restarts it after a backoff delay and counts it against a *restart intensity* (Erlang/OTP's rule):
 more than ``max_restarts`` crashes within ``restart_window`` seconds means something is badly
 wrong, and the pool fails as a whole with an error that says why, instead of restarting forever.
+
+One failure is not restarted at all: an actor whose driver said the connect options can never
+work (:class:`~actors.actor.ActorMisconfigured`: an invalid port, an unknown option, an SQLite
+file in a missing directory). The pool fails at once with that reason, so the waiting clients
+and every later call get a :class:`~supervisor.errors.PoolClosed` that says why.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import final
+from typing import NoReturn, final
 
 import trio
 
-from actors.actor import Actor
+from actors.actor import Actor, ActorMisconfigured
 from supervisor.errors import PoolClosed
 from supervisor.lender import Lender
 
@@ -58,6 +63,12 @@ class Supervisor:
             actor = lender.new_actor(index)
             try:
                 await actor.run()
+            except ActorMisconfigured as exc:
+                lender.actor_gone(actor, crashed=False)
+                lender.report("crash", actor, error=exc)
+                text = str(exc)
+                prefix = f"pool {lender.name!r}: "
+                self._fail(f"failed: {text.removeprefix(prefix)}", exc)
             except Exception as exc:
                 lender.actor_gone(actor, crashed=True)
                 lender.report("crash", actor, error=exc)
@@ -86,6 +97,12 @@ class Supervisor:
                 f"max_restarts={self._max_restarts}; last crash (connection #{actor.index}): "
                 f"{type(exc).__name__}: {self._lender.scrub(str(exc))}"
             )
-            error = PoolClosed(reason, pool=self._lender.name)
-            self._lender.fail(error)
-            raise error from exc
+            self._fail(reason, exc)
+
+    def _fail(self, reason: str, exc: Exception) -> NoReturn:
+        """Fail the pool as a whole with ``reason`` and end this supervising task with it."""
+        lender = self._lender
+        error = PoolClosed(reason, pool=lender.name)
+        if lender.failure is None:  # the first failure is the pool's; later ones are copies
+            lender.fail(error)
+        raise error from exc

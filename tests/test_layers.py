@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "supervisor.errors": 0,
     "supervisor.log": 0,
     "supervisor.queue": 0,
+    "supervisor.rows": 0,
     "supervisor.validate": 1,
     "supervisor.groups": 1,
     "supervisor.limits": 2,
@@ -46,12 +47,16 @@ LAYERS: dict[str, int] = {
     # what clients hold; who runs the actors
     "supervisor.handles": 6,
     "supervisor.supervision": 6,
+    # one-shots and statements over handles
+    "supervisor.statements": 7,
     # the facade
-    "supervisor.pool": 7,
-    "supervisor": 8,
-    # applications
-    "supervisor.cli": 9,
-    "supervisor.__main__": 10,
+    "supervisor.pool": 8,
+    "supervisor": 9,
+    # applications and test tools, on the public API
+    "supervisor.cli": 10,
+    "supervisor.testing": 10,
+    "supervisor.otel": 10,
+    "supervisor.__main__": 11,
 }
 """Layer of each module of ``supervisor`` (a package's submodules share the package's layer
 unless listed)."""
@@ -263,7 +268,7 @@ def test_the_checker_finds_a_cycle_hidden_behind_two_modules() -> None:
 def test_the_checker_finds_an_upward_import() -> None:
     graph = {"supervisor.session": {"supervisor.pool"}, "supervisor.pool": set()}
     assert upward_imports(graph) == [
-        "supervisor.session (layer 4) imports supervisor.pool (layer 7)"
+        "supervisor.session (layer 4) imports supervisor.pool (layer 8)"
     ]
 
 

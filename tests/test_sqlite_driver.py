@@ -26,6 +26,7 @@ from actors.driver import (
     Cursor,
     DatabaseError,
     Driver,
+    Misconfigured,
     TransactionOptions,
 )
 from actors.sqlite import SqliteConnection, SqliteDriver, classify, from_url
@@ -133,10 +134,16 @@ async def test_setup_hook_runs_on_each_connection(db_path: str) -> None:
     await c.close()
 
 
-async def test_connect_failure_is_connection_lost(tmp_path: Path) -> None:
+async def test_a_missing_directory_is_misconfigured_and_a_bad_file_is_connection_lost(
+    tmp_path: Path,
+) -> None:
     missing_dir = SqliteDriver(str(tmp_path / "no" / "such" / "dir.db"))
-    with pytest.raises(ConnectionLost, match="SQLITE_CANTOPEN") as info:
+    with pytest.raises(Misconfigured) as info:
         await missing_dir.connect(missing_dir.options)
+    assert str(info.value) == (
+        f"sqlite: cannot open database file {str(tmp_path / 'no' / 'such' / 'dir.db')!r}: "
+        f"directory {str(tmp_path / 'no' / 'such')!r} does not exist"
+    )
     assert isinstance(info.value.__cause__, sqlite3.OperationalError)
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not an sqlite database, just bytes" * 100)

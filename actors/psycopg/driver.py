@@ -9,7 +9,8 @@ Rules: nothing here does I/O except :meth:`PsycopgDriver.connect`. Messages go t
 :func:`actors.driver.redact` with every secret known (the options, ``PGPASSWORD``, or the
 passwords guessed from a connection string that failed to parse). A connect failure is
 :class:`~actors.driver.ConnectionLost` (retry later) unless the server refused, which is a
-:class:`~actors.driver.DatabaseError`.
+:class:`~actors.driver.DatabaseError`, or libpq rejected the options themselves (an invalid port
+number or ``sslmode``, an unknown option), which is :class:`~actors.driver.Misconfigured`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from actors.driver import ConnectionLost, DatabaseError, redact
+from actors.driver import ConnectionLost, DatabaseError, Misconfigured, redact
 from actors.psycopg.backends import IoMode, open_backend
 from actors.psycopg.connection import PsycopgConnection
 
@@ -43,9 +44,22 @@ _CONNECT_REFUSALS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+# libpq's (and psycopg's) rejections of the connect options themselves, before any I/O: no
+# server state can make them work, so they are Misconfigured (the pool fails at once). psycopg
+# 3.3 raises them as OperationalError or ProgrammingError depending on the I/O path.
+_INVALID_OPTIONS = re.compile(
+    r"invalid connection option|invalid port number|invalid \w+ value"
+    r"|invalid integer value .* for connection option|bad value for \w+",
+    re.I,
+)
+
+
 def _connect_failure(exc: BaseException, secrets: Sequence[str]) -> Exception:
-    """Turn a failed connect into ConnectionLost (retry later) or DatabaseError (refused)."""
-    message = redact(str(exc) or type(exc).__name__, secrets)
+    """Turn a failed connect into ConnectionLost (retry later), DatabaseError (refused) or
+    Misconfigured (the options can never work)."""
+    message = redact(str(exc) or type(exc).__name__, secrets).strip()
+    if isinstance(exc, psycopg.Error) and _INVALID_OPTIONS.search(message):
+        return Misconfigured(f"postgresql: invalid connect options: {message}")
     for pattern, sqlstate in _CONNECT_REFUSALS:
         if pattern.search(message):
             return DatabaseError(message, sqlstate=sqlstate, kind="other")
@@ -153,8 +167,9 @@ class PsycopgDriver:
 
         Raises ConnectionLost when the server cannot be reached (or is starting up, shutting
         down, out of connection slots) and DatabaseError with SQLSTATE 28P01 / 28000 / 3D000
-        when it refuses (bad password, unknown role, unknown database). Messages never contain
-        the password.
+        when it refuses (bad password, unknown role, unknown database). Options libpq rejects
+        (invalid port number or ``sslmode``, an unknown option) raise Misconfigured. Messages
+        never contain the password.
         """
         params = {k: v for k, v in options.items() if v is not None}
         if "application_name" not in params and "fallback_application_name" not in params:

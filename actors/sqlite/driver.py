@@ -24,8 +24,15 @@ from urllib.parse import unquote
 
 import trio
 
+from actors.driver import Misconfigured
 from actors.sqlite.connection import SqliteConnection
-from actors.sqlite.errors import BUSY_SLICE, STATEMENT_ERRORS, classify
+from actors.sqlite.errors import (
+    BUSY_SLICE,
+    SQLITE_CANTOPEN,
+    STATEMENT_ERRORS,
+    classify,
+    primary_code,
+)
 from actors.threads import call_in_thread
 
 __all__ = ["SqliteDriver", "from_url"]
@@ -162,8 +169,10 @@ class SqliteDriver:
     async def connect(self, options: Mapping[str, Any]) -> SqliteConnection:
         """Open a connection in a worker thread and apply the pragmas.
 
-        A file that cannot be opened is :class:`ConnectionLost` (the actor retries with
-        backoff); other refusals, such as a file that is not a database, are mapped by
+        A file whose directory does not exist, or a path that is a directory, is
+        :class:`~actors.driver.Misconfigured` (the pool fails at once, naming the resolved
+        path); another file that cannot be opened is :class:`ConnectionLost` (the actor retries
+        with backoff); other refusals, such as a file that is not a database, are mapped by
         :func:`classify`. If the caller is cancelled the thread closes what it opened.
         """
         opts = dict(options)
@@ -178,14 +187,19 @@ class SqliteDriver:
         setup = self._setup
 
         def open_() -> sqlite3.Connection:
-            raw: sqlite3.Connection = sqlite3.connect(
-                path,
-                timeout=min(timeout, BUSY_SLICE),
-                uri=uri,
-                check_same_thread=False,
-                isolation_level=None,
-                **opts,
-            )
+            try:
+                raw: sqlite3.Connection = sqlite3.connect(
+                    path,
+                    timeout=min(timeout, BUSY_SLICE),
+                    uri=uri,
+                    check_same_thread=False,
+                    isolation_level=None,
+                    **opts,
+                )
+            except sqlite3.Error as exc:
+                if not (uri or memory):
+                    _diagnose_open_failure(exc, path)
+                raise
             try:
                 raw.execute("PRAGMA foreign_keys = ON")
                 if wal and not memory:
@@ -203,6 +217,23 @@ class SqliteDriver:
         except STATEMENT_ERRORS as exc:
             raise classify(exc) from exc
         return SqliteConnection(raw, label, busy_timeout=timeout, gate=_write_gate(path, uri))
+
+
+def _diagnose_open_failure(exc: sqlite3.Error, path: str) -> None:
+    """Raise :class:`Misconfigured` when SQLite could not open the file ``path`` for a reason
+    retrying cannot fix: ``path`` is a directory, or its directory does not exist. The message
+    names the resolved absolute path. Runs in the worker thread (it stats the file system)."""
+    if primary_code(exc) != SQLITE_CANTOPEN:
+        return
+    resolved = os.path.abspath(path)
+    parent = os.path.dirname(resolved)
+    if os.path.isdir(resolved):
+        why = "that path is a directory"
+    elif not os.path.isdir(parent):
+        why = f"directory {parent!r} does not exist"
+    else:
+        return
+    raise Misconfigured(f"sqlite: cannot open database file {resolved!r}: {why}") from exc
 
 
 def from_url(url: str) -> SqliteDriver:

@@ -19,6 +19,7 @@ __all__ = [
     "BUSY_CODES",
     "BUSY_SLICE",
     "BUSY_SNAPSHOT",
+    "SQLITE_CANTOPEN",
     "STATEMENT_ERRORS",
     "classify",
     "primary_code",
@@ -29,13 +30,14 @@ _SQLITE_BUSY: Final = 5
 _SQLITE_LOCKED: Final = 6
 _SQLITE_IOERR: Final = 10
 _SQLITE_CORRUPT: Final = 11
-_SQLITE_CANTOPEN: Final = 14
+SQLITE_CANTOPEN: Final = 14
+"""SQLite's "unable to open database file" (the driver tells a missing directory apart)."""
 _SQLITE_CONSTRAINT: Final = 19
 _SQLITE_NOTADB: Final = 26
 BUSY_SNAPSHOT: Final = _SQLITE_BUSY | (2 << 8)  # the extended code SQLITE_BUSY_SNAPSHOT
 BUSY_SLICE: Final = 0.05
 """Longest SQLite itself waits for a lock per attempt (see SqliteConnection._retry_busy)."""
-_LOST_CODES: Final = frozenset({_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_CANTOPEN, _SQLITE_NOTADB})
+_LOST_CODES: Final = frozenset({_SQLITE_IOERR, _SQLITE_CORRUPT, SQLITE_CANTOPEN, _SQLITE_NOTADB})
 BUSY_CODES: Final = frozenset({_SQLITE_BUSY, _SQLITE_LOCKED})
 
 # Errors a statement can raise that leave the connection usable besides sqlite3's own: bad
