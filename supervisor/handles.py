@@ -603,7 +603,8 @@ class TransactionBlock:
         self._session = session
         try:
             if session.scopes:
-                if self._options != _NO_OPTIONS:
+                sandboxed = session.sandbox is not None
+                if self._options != _NO_OPTIONS and not sandboxed:
                     raise ConfigError(
                         "isolation, read_only and mode apply to the outermost transaction only; "
                         "this block is nested in an open transaction",
@@ -616,7 +617,7 @@ class TransactionBlock:
                         f"cannot open a nested block: the transaction is failed ({current.reason})",
                         pool=session.reporter.name,
                     )
-                if self._savepoint:
+                if self._savepoint or sandboxed:  # in a sandbox, every block is a savepoint
                     session.savepoints += 1
                     name = f"tcs_sp_{session.savepoints}"
                     await session.call("savepoint", session.conn.savepoint, name,

@@ -29,7 +29,7 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, final
+from typing import Any, Literal, Protocol, final
 
 import outcome
 import trio
@@ -86,6 +86,17 @@ class PoolStatistics:
 AfterConnect = Callable[[Actor, drv.Connection], Awaitable[None]]
 
 
+class SandboxHook(Protocol):
+    """What the lender asks of an open sandbox (supervisor.sandbox.Sandbox)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def checkout(self, task: trio.lowlevel.Task, timeout: float | None) -> Session | None:
+        """A view of the sandbox's connection for ``task``, or None: serve it normally."""
+        ...
+
+
 @final
 class Lender:
     """The idle set, the waiters and the holders of one pool; the host of its actors."""
@@ -122,6 +133,7 @@ class Lender:
         self._actors: dict[int, Actor] = {}
         self._all_returned: trio.Event | None = None
         self._ready_waiters: list[trio.Event] = []
+        self.sandbox: SandboxHook | None = None  # supervisor.sandbox, while one is open
         backoff = options.backoff
         self.config = ActorConfig(
             driver=driver,
@@ -158,6 +170,10 @@ class Lender:
             raise self.closed_error()
         if task is None:
             task = trio.lowlevel.current_task()
+        if self.sandbox is not None:
+            view = await self.sandbox.checkout(task, timeout)
+            if view is not None:
+                return view
         if self._idle:
             session = self._lend(self._idle.popleft(), task)
             if schedule:
@@ -231,6 +247,9 @@ class Lender:
         task = session.task
         if task is not None and self.holders.get(task) is session:
             del self.holders[task]
+        if session.sandbox is not None:
+            session.sandbox.release(session)  # a view of a sandbox's one connection
+            return
         self.leases_out -= 1
         if self.leases_out == 0 and self._all_returned is not None:
             self._all_returned.set()

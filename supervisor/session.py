@@ -57,6 +57,12 @@ class StatementLike(Protocol):
 
 
 Query = str | StatementLike
+
+
+class SandboxView(Protocol):
+    """What a sandbox's view session needs from its sandbox (supervisor.sandbox.Sandbox)."""
+
+    def release(self, view: Session) -> None: ...
 """What a handle method runs: SQL text, or a statement from ``pool.statement(...)``."""
 
 
@@ -97,6 +103,7 @@ class Session(Lease):
         "needs_reset",
         "reporter",
         "row_factory",
+        "sandbox",
         "savepoints",
         "scopes",
         "statement_cache_size",
@@ -120,6 +127,7 @@ class Session(Lease):
         self.limits = limits
         self.task = task
         self.row_factory = settings.row_factory
+        self.sandbox: SandboxView | None = None  # set on a sandbox's views (supervisor.sandbox)
         self.statement_cache_size = settings.statement_cache_size
         # reset="auto": watch the statements for session state (drivers that can tell);
         # "always": dirty from the start

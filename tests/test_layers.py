@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     # what clients hold; who runs the actors
     "supervisor.handles": 6,
     "supervisor.supervision": 6,
+    "supervisor.sandbox": 6,
     # one-shots and statements over handles
     "supervisor.statements": 7,
     # the facade
