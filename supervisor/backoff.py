@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, final
 
 from supervisor.errors import ConfigError
 from supervisor.validate import check_number
@@ -21,6 +21,7 @@ BackoffKind = Literal["stop", "exp", "rand", "rand_exp"]
 _KINDS = ("stop", "exp", "rand", "rand_exp")
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """How long to wait between attempts after a failure.

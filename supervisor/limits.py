@@ -1,21 +1,31 @@
-"""Safety limits: every wait and every hold has a bound unless you say otherwise.
+"""Safety limits: the bounds on waiting, holding and cleaning up, as one value.
 
 Racket web-server's connection manager idea: limits travel together as one value, with an
-explicit :meth:`SafetyLimits.unlimited` for the rare program that really wants no bound.
+explicit :meth:`SafetyLimits.unlimited` for the rare program that really wants no bound. By
+default the waits the pool itself does are bounded (a checkout, a connect, a cleanup, the
+shutdown), while what is up to the application is not: how long a client holds a connection
+(``hold_timeout``), how long one statement runs (``query_timeout``) and how many clients queue
+(``max_waiting``) are unbounded until you set them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import final
 
 from supervisor.validate import check_number
 
 __all__ = ["SafetyLimits"]
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class SafetyLimits:
     """Bounds on waiting and holding, in seconds (``None`` means no bound).
+
+    Bounded by default: ``checkout_timeout`` (30 s), ``connect_timeout`` (10 s),
+    ``shutdown_grace`` (5 s), ``cleanup_timeout`` (5 s). Unbounded by default:
+    ``hold_timeout``, ``query_timeout``, ``max_waiting``.
 
     ``checkout_timeout``: longest wait for a connection (``CheckoutTimeout``).
     ``hold_timeout``: longest a client may hold a lease; past it the lease is revoked, the

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, final
 
 __all__ = ["LogEntry", "LogHook"]
 
 _logger = logging.getLogger("supervisor")
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class LogEntry:
     """What happened, where, and how long it took.

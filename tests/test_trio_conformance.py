@@ -29,7 +29,11 @@ def test_a_pool_cannot_be_made_except_by_open_pool() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["Pool", "PoolContext", "PoolStatistics", "Transaction", "Stream", "PreparedStatement"]
+    "name",
+    [
+        "Pool", "PoolContext", "PoolStatistics", "Transaction", "Stream", "PreparedStatement",
+        "Statement", "SafetyLimits", "Backoff", "LogEntry",
+    ],
 )
 def test_public_classes_nothing_subclasses_are_final(name: str) -> None:
     cls = getattr(supervisor, name)
