@@ -1,6 +1,6 @@
 """Checkout-cycle microbenchmark: ``python tests/bench/bench_checkout.py [N]``.
 
-The implementation lives in :mod:`supervisor.bench` so that ``python -m supervisor bench``
+The implementation lives in :mod:`supervisor.cli.bench` so that ``python -m supervisor bench``
 works from an installed package too.
 """
 
