@@ -23,6 +23,7 @@ protocol (:class:`actors.lease.LeaseOwner`).
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar, final
@@ -262,7 +263,7 @@ class Session(Lease):
                 rep.scrub(f"connection lost during {name}: {exc}")
             ) from exc
         except drv.DatabaseError as exc:
-            error = _query_error(rep, exc, query)
+            error = _query_error(rep, exc, query, getattr(self.conn, "paramstyle", None))
             if self.scopes and self.conn.status() == "idle":
                 # The database ended the transaction by itself (SQLite does, for some errors):
                 # later statements would autocommit. Nothing more may run in this transaction.
@@ -276,7 +277,8 @@ class Session(Lease):
                 raise
             # Refused before any I/O (a bad isolation level, mode or parameter): the
             # connection is untouched and stays usable.
-            error = ConfigError(rep.scrub(f"{name} refused its arguments: {exc}"),
+            hint = placeholder_hint(query, getattr(self.conn, "paramstyle", None))
+            error = ConfigError(rep.scrub(f"{name} refused its arguments: {exc}{hint}"),
                                 pool=rep.name)
             raise error from exc
         except BaseException as exc:
@@ -358,7 +360,32 @@ def _result_size(result: Any) -> Any:
     return None
 
 
-def _query_error(rep: Reporter, exc: drv.DatabaseError, query: str | None) -> QueryError:
+_PLACEHOLDERS = {
+    "format": ("%s (or %(name)s)", ("?", "$1")),
+    "pyformat": ("%s (or %(name)s)", ("?", "$1")),
+    "qmark": ("? (or :name)", ("%s", "$1")),
+    "named": ("? (or :name)", ("%s", "$1")),
+    "numeric": ("$1, $2, ...", ("%s", "?")),
+}
+_STRING_LITERAL = re.compile(r"'(?:[^']|'')*'")
+
+
+def placeholder_hint(query: str | None, paramstyle: str | None) -> str:
+    """A hint for an error on a query written with another driver's placeholders ("" when
+    the query looks fine or the driver does not say which style it uses)."""
+    if not query or paramstyle not in _PLACEHOLDERS:
+        return ""
+    ours, others = _PLACEHOLDERS[paramstyle]
+    bare = _STRING_LITERAL.sub("''", query)
+    for other in others:
+        if other in bare:
+            return f" (this driver's placeholders are {ours}, not {other})"
+    return ""
+
+
+def _query_error(
+    rep: Reporter, exc: drv.DatabaseError, query: str | None, paramstyle: str | None = None
+) -> QueryError:
     sqlstate = exc.sqlstate
     cls: type[QueryError] = QueryError
     if exc.kind == "integrity" or (sqlstate is not None and sqlstate.startswith("23")):
@@ -368,6 +395,7 @@ def _query_error(rep: Reporter, exc: drv.DatabaseError, query: str | None) -> Qu
     text = exc.message
     if sqlstate:
         text += f" (SQLSTATE {sqlstate})"
+    text += placeholder_hint(query, paramstyle)
     if query:
         text += f" in query: {short(query)}"
     return cls(rep.scrub(text), pool=rep.name, sqlstate=sqlstate, query=query)

@@ -43,3 +43,24 @@ async def test_run_transaction_with_a_plain_function_says_to_use_async_def() -> 
             await pool.run_transaction(plain)
         assert pool.statistics().checkouts == 0
     assert "begin" not in driver.ops()
+
+
+@pytest.mark.parametrize(
+    ("query", "style", "hint"),
+    [
+        ("select * from t where id = ?", "format", "placeholders are %s (or %(name)s), not ?"),
+        ("select * from t where id = %s", "qmark", "placeholders are ? (or :name), not %s"),
+        ("select * from t where id = %s", "numeric", "placeholders are $1, $2, ..., not %s"),
+        ("select * from t where id = $1", "format", "not $1"),
+        ("select * from t where id = %s", "format", ""),
+        ("select '?' from t where id = %s", "format", ""),  # a ? in a string literal is data
+        ("select * from t where id = ?", None, ""),  # a driver that does not say
+    ],
+)
+def test_a_query_in_another_drivers_placeholder_style_gets_a_hint(
+    query: str, style: str | None, hint: str
+) -> None:
+    from supervisor.session import placeholder_hint
+
+    got = placeholder_hint(query, style)
+    assert (hint in got) if hint else got == ""
