@@ -395,6 +395,7 @@ def _check_timeout(pool: str, timeout: float | None) -> None:
 
 # -- open_pool ------------------------------------------------------------------------------------
 
+_EXTRAS = {"sqlite": "", "postgresql+asyncpg": "asyncpg", "postgres+asyncpg": "asyncpg"}
 _KEYWORDS = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_]*\s*=")
 
 
@@ -424,6 +425,10 @@ def _driver_for(target: str | Driver, name: str) -> Driver:
         except ValueError as exc:
             raise ConfigError(f"bad libpq keyword target: {exc}", pool=name) from exc
     try:
+        if scheme in ("postgresql+asyncpg", "postgres+asyncpg"):
+            from actors.aio import from_url as aio_from_url
+
+            return aio_from_url(target)
         if scheme in ("postgresql", "postgres"):
             from actors.psycopg import from_url as pg_from_url
 
@@ -435,7 +440,7 @@ def _driver_for(target: str | Driver, name: str) -> Driver:
     except ImportError as exc:
         raise ConfigError(
             f"the {scheme} driver is not installed ({exc}); install "
-            f"trio-connection-supervisor[{'postgresql' if scheme != 'sqlite' else ''}]",
+            f"trio-connection-supervisor[{_EXTRAS.get(scheme, 'postgresql')}]",
             pool=name,
         ) from exc
     except ValueError as exc:
@@ -443,7 +448,8 @@ def _driver_for(target: str | Driver, name: str) -> Driver:
     shown = f"{scheme}:" if re.fullmatch(r"[a-z][a-z0-9+.-]{0,30}", scheme) else "(none)"
     raise ConfigError(
         f"unsupported target URL scheme {shown}; use postgresql://, postgres://, "
-        "sqlite:///path or sqlite://:memory:, or pass a driver",
+        "postgresql+asyncpg://, sqlite:///path or sqlite://:memory:, a libpq keyword string, "
+        "or pass a driver",
         pool=name,
     )
 
@@ -475,8 +481,10 @@ def open_pool(
 ) -> PoolContext:
     """Open a pool: ``async with open_pool("sqlite:///app.db", size=4) as pool``.
 
-    ``target`` is a URL (``postgresql://`` / ``postgres://``: psycopg; ``sqlite:///path`` or
-    ``sqlite://:memory:``: SQLite) or a driver object. Options are validated here: a bad one
+    ``target`` is a URL (``postgresql://`` / ``postgres://``: psycopg, Trio-native;
+    ``postgresql+asyncpg://``: asyncpg hosted through trio-asyncio; ``sqlite:///path`` or
+    ``sqlite://:memory:``: SQLite), a libpq keyword string (``"host=... dbname=..."``) or a
+    driver object. Options are validated here: a bad one
     raises :class:`ConfigError` naming it, and nothing is started.
 
     Sizing: ``size`` (fixed, default 10) or ``min_size`` / ``max_size`` (elastic: connections
