@@ -16,3 +16,18 @@ plain modules next to this file and are imported by name:
 ``prepend`` import mode, loading this file (and any test module here) puts tests/ on
 ``sys.path``. Under ``--import-mode=importlib`` such helper modules would not be importable.
 """
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--soak-minutes N``: how long tests/faults/test_soak.py runs (default 1: about 60 s,
+    which is what CI runs)."""
+    parser.addoption(
+        "--soak-minutes",
+        type=float,
+        default=1.0,
+        help="minutes the fault soak (tests/faults/test_soak.py) runs; default 1",
+    )

@@ -1,0 +1,134 @@
+"""The fault matrix's harness: one load, one set of invariants, checked after every fault.
+
+The load: ``clients`` tasks, each running transactions that insert one uniquely numbered row
+into a ledger table (and bump a counter row), for ``duration`` seconds or ``count``
+transactions. Each client records, per transaction id, what it was told: committed (the block
+ended normally), failed (a ``PoolError`` before ``COMMIT`` was sent: nothing may be visible),
+or uncertain (the connection was lost during ``COMMIT``: either outcome is allowed, but exactly
+once).
+
+The invariants (:func:`check`), the same in every row:
+
+* every client got a result or a ``PoolError`` (any other exception fails the row) and no task
+  hung (the whole row runs under a deadline);
+* every committed transaction is in the ledger exactly once; no failed one is;
+* the counter equals the number of ledger rows (nothing half-applied);
+* the pool returns to full size with every connection idle;
+* no backend of the pool is left idle in transaction.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import trio
+
+from supervisor import ConnectionLost, Pool, PoolError
+
+_ids = itertools.count(1)
+_tids = itertools.count(1_000_000)  # transaction ids, unique across the loads of a run
+
+
+@dataclass
+class Outcomes:
+    """What the clients were told, by transaction id."""
+
+    committed: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
+    uncertain: set[int] = field(default_factory=set)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def note(self, exc: BaseException) -> None:
+        name = type(exc).__name__
+        self.errors[name] = self.errors.get(name, 0) + 1
+
+
+def make_tables(dsn: str) -> str:
+    """A fresh ledger table and counter; returns the name prefix."""
+    name = f"fm_{next(_ids)}_{id(object()) % 100000}"
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(f"create table {name}_ledger (id int primary key, client int)")
+        c.execute(f"create table {name}_count (n int not null)")
+        c.execute(f"insert into {name}_count values (0)")
+    return name
+
+
+async def transfer(pool: Pool, table: str, tid: int, client: int, out: Outcomes) -> None:
+    """One transaction of the load, with its outcome recorded."""
+    committing = False
+    try:
+        async with pool.transaction() as tx:
+            await tx.execute(f"insert into {table}_ledger values (%s, %s)", (tid, client))
+            await tx.execute(f"update {table}_count set n = n + 1")
+            committing = True  # the block's end sends COMMIT
+        out.committed.add(tid)
+    except ConnectionLost as exc:
+        out.note(exc)
+        (out.uncertain if committing else out.failed).add(tid)
+    except PoolError as exc:
+        out.note(exc)
+        (out.uncertain if committing else out.failed).add(tid)
+
+
+async def load(
+    pool: Pool,
+    table: str,
+    *,
+    clients: int = 6,
+    count: int = 20,
+    pause: float = 0.0,
+    fault: Callable[[], Awaitable[Any]] | None = None,
+) -> Outcomes:
+    """Run ``clients`` x ``count`` transactions, with ``fault()`` running beside them."""
+    out = Outcomes()
+
+    async def client(index: int) -> None:
+        for _ in range(count):
+            await transfer(pool, table, next(_tids), index, out)
+            if pause:
+                await trio.sleep(pause)
+
+    async with trio.open_nursery() as nursery:
+        if fault is not None:
+            nursery.start_soon(fault)
+        async with trio.open_nursery() as workers:
+            for index in range(clients):
+                workers.start_soon(client, index)
+        nursery.cancel_scope.cancel()
+    return out
+
+
+async def check(dsn: str, pool: Pool, table: str, out: Outcomes, *, timeout: float = 30) -> None:
+    """The invariants of the module docstring (raises AssertionError naming the broken one)."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        ledger = [int(r[0]) for r in c.execute(f"select id from {table}_ledger").fetchall()]
+        row = c.execute(f"select n from {table}_count").fetchone()
+    seen = set(ledger)
+    assert len(ledger) == len(seen), "a transaction was committed twice"
+    assert out.committed <= seen, f"committed but missing: {sorted(out.committed - seen)[:10]}"
+    assert not (out.failed & seen), f"failed but visible: {sorted(out.failed & seen)[:10]}"
+    assert seen <= out.committed | out.uncertain, "a row nobody was told about"
+    assert row is not None and row[0] == len(ledger), "counter and ledger disagree"
+    size = pool.statistics().size
+    with trio.fail_after(timeout):
+        while True:
+            stats = pool.statistics()
+            if stats.idle == size == pool.min_size and stats.busy == 0:
+                break
+            await trio.sleep(0.02)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        stuck = c.execute(
+            "select count(*) from pg_stat_activity where state like 'idle in transaction%%'"
+            " and application_name = %s",
+            (table,),
+        ).fetchone()
+    assert stuck is not None and stuck[0] == 0, "a session was left idle in transaction"
+
+
+def target(dsn: str, table: str) -> str:
+    """``dsn`` with ``application_name`` set to the row's table name (to find its backends)."""
+    return dsn + ("&" if "?" in dsn else "?") + f"application_name={table}"
