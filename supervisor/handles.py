@@ -401,14 +401,15 @@ class Stream:
                 query=sql, params=self._params,
             )
             s.streams.add(self)
-            factory = self._row_factory or s.row_factory
-            if factory is not tuple_row:
-                self._make = factory(_columns(s, self._cursor))
         sql_text = self._query if isinstance(self._query, str) else None
         batch = await s.call("stream", self._cursor.fetch_batch, query=sql_text)
         if not batch:
             await self.aclose()
             raise StopAsyncIteration
+        if self._make is None:
+            factory = self._row_factory or s.row_factory
+            if factory is not tuple_row:  # names are known once rows came (server cursors)
+                self._make = factory(_columns(s, self._cursor))
         make = self._make
         self._batch = batch if make is None else [make(row) for row in batch]
         self._pos = 1

@@ -56,6 +56,9 @@ _THREADS_PER_CONNECTION = 8
 class Backend(abc.ABC):
     """The handful of primitive operations :class:`~actors.psycopg.PsycopgConnection` uses."""
 
+    last_description: Any = None
+    """psycopg's description of the last result with rows (its column names), or None."""
+
     conn: psycopg.Connection[TupleRow] | psycopg.AsyncConnection[TupleRow]
     info: psycopg.ConnectionInfo
     """psycopg's live view of the session (connection status, backend pid...)."""
@@ -144,6 +147,7 @@ class TrioBackend(Backend):
         cur, self._cursor = self._cursor or self.conn.cursor(), None
         await cur.execute(query, params, prepare=prepare)
         rows = await cur.fetchall() if want_rows and seam.has_rows(cur) else None
+        self.last_description = cur.description if rows is not None else None
         result = cur.rowcount, rows, cur.statusmessage
         if rows is None or len(rows) <= _REUSE_CURSOR_MAX_ROWS:
             # Only a completed call gives its cursor back, and only after a small result: the
@@ -226,6 +230,7 @@ class ThreadBackend(Backend):
             cur = conn.cursor()
             cur.execute(query, params, prepare=prepare)
             rows = cur.fetchall() if want_rows and seam.has_rows(cur) else None
+            self.last_description = cur.description if rows is not None else None
             return cur.rowcount, rows, cur.statusmessage
 
         return await self._call(op)

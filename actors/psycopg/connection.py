@@ -31,6 +31,8 @@ from actors.driver import (
     redact,
 )
 from actors.psycopg.backends import Backend, IoMode, Result
+from actors.psycopg.session import RESET_SQL
+from actors.psycopg.session import leaves_session_state as _leaves_state
 
 __all__ = ["PsycopgConnection", "PsycopgCursor"]
 
@@ -240,6 +242,39 @@ class PsycopgConnection:
             )
             return rows if rows is not None else []
 
+    # -- optional protocol methods (actors.driver.Connection) -------------------------------
+
+    paramstyle = "format"
+    """The placeholders (DB-API names): ``%s``, or ``%(name)s`` with a mapping."""
+
+    def columns(self) -> list[str]:
+        """The column names of the last result with rows, as the server reported them."""
+        return [column.name for column in self._b.last_description or ()]
+
+    def leaves_session_state(self, query: str) -> bool:
+        """Whether ``query`` may leave session state (see :mod:`actors.psycopg.session`)."""
+        return _leaves_state(query)
+
+    async def execute_many(self, query: str, params_seq: list[Params]) -> int:
+        """Run ``query`` once per parameter set; total rows affected. The statements go out
+        back to back on the open connection, one round trip each."""
+        total = 0
+        with self._exclusive():
+            for params in params_seq:
+                rowcount, _, _ = await self._run(
+                    query, params, prepare=self._prepare_flag(query), want_rows=False
+                )
+                total += max(rowcount, 0)
+        return total
+
+    async def reset_session(self) -> None:
+        """``DISCARD ALL``: settings, roles, temporary tables, LISTEN, session advisory locks,
+        prepared statements (psycopg forgets its own when it sees the command) and WITH HOLD
+        cursors. The connection must be idle (outside a transaction)."""
+        with self._exclusive():
+            await self._run(RESET_SQL, None, prepare=False, want_rows=False)
+        self._prepared.clear()
+
     async def prepare(self, query: str) -> None:
         """Mark ``query`` so its executions use a named server-side prepared statement.
 
@@ -436,11 +471,16 @@ class PsycopgCursor:
         self._own_tx = own_tx
         self._closed = False
         self._exhausted = False
+        self._names: list[str] = []
 
     def _forget(self) -> None:
         """The connection was reset or closed under this cursor: it no longer exists."""
         self._closed = True
         self._conn._cursors.pop(self._slot, None)
+
+    def columns(self) -> list[str]:
+        """The column names of this result (known once the first batch came)."""
+        return list(self._names)
 
     async def fetch_batch(self) -> list[Row]:
         """The next ``batch_size`` rows at most; [] once the result is exhausted."""
@@ -455,6 +495,8 @@ class PsycopgCursor:
                 prepare=False,
                 want_rows=True,
             )
+            if not self._names:
+                self._names = self._conn.columns()
         batch = rows if rows is not None else []
         if len(batch) < self._batch_size:
             self._exhausted = True

@@ -35,6 +35,8 @@ from actors.sqlite.errors import (
     classify,
     primary_code,
 )
+from actors.sqlite.session import leaves_session_state as _leaves_state
+from actors.sqlite.session import reset_session_sync, snapshot_pragmas
 from actors.threads import EngineClosed, ThreadEngine
 
 __all__ = ["SqliteConnection", "SqliteCursor"]
@@ -81,6 +83,10 @@ class SqliteCursor:
         self._batch_size = batch_size
         self._exhausted = False
         self._closed = False
+
+    def columns(self) -> list[str]:
+        """The column names of this result (no I/O)."""
+        return [d[0] for d in self._cursor.description or ()]
 
     @property
     def batch_size(self) -> int:
@@ -148,6 +154,8 @@ class SqliteConnection:
         self._threads = ThreadEngine(1, finish=raw.close)
         self._query_only = False
         self._cursors: set[sqlite3.Cursor] = set()
+        self._description: Any = None  # of the last fetch: columns() reads the names from it
+        self._baseline = snapshot_pragmas(raw)  # what reset_session() returns to
 
     def __repr__(self) -> str:
         state = "closed" if self._threads.closing else self.status()
@@ -281,11 +289,43 @@ class SqliteConnection:
             cur = raw.execute(query, args)
             try:
                 rows: list[Row] = cur.fetchall()
+                self._description = cur.description
                 return rows
             finally:
                 cur.close()
 
         return await self._run(run, "fetch")
+
+    # -- optional protocol methods (actors.driver.Connection) -------------------------------
+
+    paramstyle = "qmark"
+    """The placeholders (DB-API names): ``?``, or ``:name`` with a mapping."""
+
+    def columns(self) -> list[str]:
+        """The column names of the last ``fetch``, as SQLite reports them (no I/O)."""
+        return [d[0] for d in self._description or ()]
+
+    def leaves_session_state(self, query: str) -> bool:
+        """Whether ``query`` may leave session state (see :mod:`actors.sqlite.session`)."""
+        return _leaves_state(query)
+
+    async def execute_many(self, query: str, params_seq: list[Params]) -> int:
+        """Run ``query`` once per parameter set (``executemany``); total rows affected."""
+        batch = [_check_params(p) for p in params_seq]
+
+        def run(raw: sqlite3.Connection) -> int:
+            cur = raw.executemany(query, batch)
+            try:
+                return max(cur.rowcount, 0)
+            finally:
+                cur.close()
+
+        return await self._run(run, "execute_many")
+
+    async def reset_session(self) -> None:
+        """Drop temporary objects and attached databases, restore the pragmas."""
+        baseline = self._baseline
+        await self._run(lambda raw: reset_session_sync(raw, baseline), "reset_session")
 
     async def open_cursor(self, query: str, params: Params, batch_size: int) -> SqliteCursor:
         """Start ``query``; rows are then fetched ``batch_size`` at a time in the worker thread."""

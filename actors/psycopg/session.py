@@ -1,0 +1,43 @@
+"""Session state on PostgreSQL: which statements may leave some behind, and how to drop it.
+
+Why: a pooled connection outlives its client, and ``reset="auto"`` resets a session only after a
+lease that may have changed it, so the clean path costs no round trip. Rules: the check is a
+cheap text scan that errs on the side of True; the reset is ``DISCARD ALL`` (settings, roles,
+temporary tables, ``LISTEN``, session advisory locks, ``PREPARE``-d statements, ``WITH HOLD``
+cursors), which also deallocates psycopg's own prepared statements: psycopg notices the
+``DISCARD ALL`` command status and forgets them, and the driver forgets its own record.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["RESET_SQL", "leaves_session_state"]
+
+RESET_SQL = "DISCARD ALL"
+
+# Statements that start a session-level change (after optional comments and whitespace).
+_STARTS = re.compile(
+    r"(?:^|;)\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*"
+    r"(?:set\s+(?!local\b|transaction\b|constraints\b)|reset\b|listen\b|unlisten\b|prepare\b|"
+    r"deallocate\b|declare\b[^;]*\bwith\s+hold\b|create\s+(?:(?:global|local)\s+)?temp(?:orary)?\b|"
+    r"create\s+(?:unlogged\s+)?table\b[^;]*\bon\s+commit\b|load\b|discard\b|do\b|"
+    r"select\s+[^;]*\bset_config\s*\()",
+    re.IGNORECASE | re.DOTALL,
+)
+# Anywhere in the text: session-level calls (the _xact_ variants end with the transaction).
+_ANYWHERE = re.compile(
+    r"\bset_config\s*\(|\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(|\bdblink_connect\b",
+    re.IGNORECASE,
+)
+_QUICK = re.compile(
+    r"set|reset|listen|prepare|deallocate|declare|temp|load|discard|\bdo\b|advisory|dblink",
+    re.IGNORECASE,
+)
+
+
+def leaves_session_state(query: str) -> bool:
+    """Whether running ``query`` may leave session state for the next lease (errs on True)."""
+    if _QUICK.search(query) is None:  # the common case: a plain DML or SELECT
+        return False
+    return _STARTS.search(query) is not None or _ANYWHERE.search(query) is not None
