@@ -1,5 +1,5 @@
 """The examples users copy first run as written: every Python block of ``docs/tutorial.rst``
-and the quick start of ``README.md``.
+and ``docs/application.rst``, and the quick start of ``README.md``.
 
 Each block is a whole program (it defines ``async def main()`` and calls ``trio.run(main)``);
 it runs in a subprocess with this interpreter, in an empty temporary directory (its ``app.db``
@@ -20,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIAL = ROOT / "docs" / "tutorial.rst"
+APPLICATION = ROOT / "docs" / "application.rst"
 README = ROOT / "README.md"
 
 
@@ -52,7 +53,9 @@ def is_program(block: str) -> bool:
 def _examples() -> list[Any]:
     tutorial = rst_python_blocks(TUTORIAL.read_text(encoding="utf-8"))
     readme = markdown_python_blocks(README.read_text(encoding="utf-8"))
+    application = rst_python_blocks(APPLICATION.read_text(encoding="utf-8"))
     params = [pytest.param(b, id=f"tutorial-{n}") for n, b in enumerate(tutorial, 1)]
+    params += [pytest.param(b, id=f"application-{n}") for n, b in enumerate(application, 1)]
     params += [pytest.param(b, id=f"readme-{n}") for n, b in enumerate(readme, 1) if is_program(b)]
     return params
 
@@ -105,3 +108,32 @@ def test_the_concepts_page_gives_the_real_safety_limit_defaults() -> None:
     }
     actual = {f.name: getattr(SafetyLimits(), f.name) for f in fields(SafetyLimits)}
     assert documented == actual
+
+
+TESTING = ROOT / "docs" / "testing.rst"
+
+
+def _test_modules() -> list[Any]:
+    blocks = rst_python_blocks(TESTING.read_text(encoding="utf-8"))
+    modules = [b for b in blocks if "\nasync def test_" in "\n" + b]
+    return [pytest.param(b, id=f"testing-{n}") for n, b in enumerate(modules, 1)]
+
+
+def test_the_testing_guide_has_its_three_examples() -> None:
+    assert len(_test_modules()) >= 3
+
+
+@pytest.mark.parametrize("source", _test_modules())
+def test_the_testing_guides_example_passes_under_pytest(source: str, tmp_path: Path) -> None:
+    (tmp_path / "test_example.py").write_text(source, encoding="utf-8")
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\n", encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_example.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " passed" in result.stdout

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from supervisor import PoolError, open_pool
-from supervisor.testing.sandbox import sandbox
+from supervisor.testing import sandbox
 
 
 def _url(path: Path) -> str:

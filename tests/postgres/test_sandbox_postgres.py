@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from supervisor import IntegrityError, open_pool
-from supervisor.testing.sandbox import sandbox
+from supervisor.testing import sandbox
 
 
 def _count(dsn: str, table: str) -> int:

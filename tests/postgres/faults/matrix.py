@@ -4,8 +4,8 @@ The load: ``clients`` tasks, each running transactions that insert one uniquely 
 into a ledger table (and bump a counter row), for ``duration`` seconds or ``count``
 transactions. Each client records, per transaction id, what it was told: committed (the block
 ended normally), failed (a ``PoolError`` before ``COMMIT`` was sent: nothing may be visible),
-or uncertain (the connection was lost during ``COMMIT``: either outcome is allowed, but exactly
-once).
+or uncertain (the connection was lost, or the client cancelled, during ``COMMIT``: either
+outcome is allowed, but exactly once). A client cancelled before ``COMMIT`` counts as failed.
 
 The invariants (:func:`check`), the same in every row:
 
@@ -72,6 +72,10 @@ async def transfer(pool: Pool, table: str, tid: int, client: int, out: Outcomes)
     except PoolError as exc:
         out.note(exc)
         (out.uncertain if committing else out.failed).add(tid)
+    except BaseException as exc:  # cancelled: before COMMIT nothing may show; during, either
+        out.note(exc)
+        (out.uncertain if committing else out.failed).add(tid)
+        raise
 
 
 async def load(
