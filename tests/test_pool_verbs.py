@@ -180,3 +180,21 @@ async def test_wait_on_a_closed_pool_raises_pool_closed() -> None:
         pass
     with pytest.raises(PoolClosed):
         await pool.wait()
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"reset": "sometimes"}, "option reset"),
+        ({"reset": 3}, "option reset"),
+        ({"reset": lambda conn: None}, "option reset"),
+        ({"row_factory": "dict"}, "option row_factory"),
+        ({"statement_cache_size": 0}, "option statement_cache_size"),
+        ({"statement_cache_size": 1.5}, "option statement_cache_size"),
+    ],
+)
+def test_each_new_option_is_validated_at_open_pool_naming_it(
+    options: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        open_pool(ScriptedDriver(), **options)

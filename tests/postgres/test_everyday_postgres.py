@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -142,3 +143,25 @@ async def test_a_statement_is_prepared_once_per_connection_and_survives_a_reset(
         assert await stmt.fetch_val((41,)) == 42  # prepared again, transparently
         async with pool.run() as conn:
             assert await conn.fetch_one(stmt, (1,)) == {"n": 2}
+
+
+async def test_set_role_does_not_survive_into_the_next_lease(pg_dsn: str, pg_server: Any) -> None:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    role = "tcs_reader_role"
+    user = str(conninfo_to_dict(pg_dsn)["user"])
+    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as admin:
+        admin.execute(f"drop role if exists {role}")
+        admin.execute(f"create role {role}")
+        admin.execute(f'grant {role} to "{user}"')
+    try:
+        async with open_pool(pg_dsn, size=1) as pool:
+            me = await pool.fetch_val("select current_user")
+            async with pool.run() as conn:
+                await conn.execute(f"set role {role}")
+                assert await conn.fetch_val("select current_user") == role
+            assert await pool.fetch_val("select current_user") == me
+    finally:
+        with psycopg.connect(pg_server.admin_dsn, autocommit=True) as admin:
+            admin.execute(f"drop role if exists {role}")
