@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh Debian/Ubuntu machine:
-# a virtualenv in .venv with the package and its dev extras, and the PostgreSQL server
-# binaries (the suite starts its own throwaway cluster; it never touches a system server).
+# a virtualenv in .venv with the package and its dev extras, the PostgreSQL server binaries
+# and PgBouncer (the suite starts its own throwaway cluster and bouncer; it never touches a
+# system server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,18 @@ if ! have_initdb && [ -z "${TCS_POSTGRES_DSN:-}" ]; then
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+fi
+
+have_pgbouncer() {
+    command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]
+}
+
+if ! have_pgbouncer; then
+    echo "setup: pgbouncer not found; installing the 'pgbouncer' package" >&2
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq pgbouncer >/dev/null
 fi
 
 PYTHON="${PYTHON:-python3}"
