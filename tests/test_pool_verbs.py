@@ -198,3 +198,22 @@ def test_each_new_option_is_validated_at_open_pool_naming_it(
 ) -> None:
     with pytest.raises(ConfigError, match=named):
         open_pool(ScriptedDriver(), **options)
+
+
+async def test_statements_are_prepared_once_per_connection_and_evicted_lru() -> None:
+    driver = ScriptedDriver()
+    async with open_pool(driver, size=1, statement_cache_size=2) as pool:
+        a, b, c = (pool.statement(f"select {n}") for n in "abc")
+        for stmt in (a, b, a, b):
+            await stmt.fetch_all()
+        assert driver.ops().count("prepare") == 2  # once each on this connection
+        await c.fetch_all()  # evicts a (b was used last)
+        await a.fetch_all()  # prepared again, evicting b
+        await b.fetch_all()  # prepared again, evicting c
+        await a.fetch_all()  # still prepared
+        prepared = [call.args[0] for call in driver.calls if call.op == "prepare"]
+        assert prepared == ["select a", "select b", "select c", "select a", "select b"]
+        async with pool.run() as conn:
+            conn.kill()
+        await a.fetch_all()  # a new connection: prepared again there
+        assert [call.args[0] for call in driver.calls if call.op == "prepare"][-1] == "select a"

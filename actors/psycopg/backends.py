@@ -80,6 +80,11 @@ class Backend(abc.ABC):
         """Run one statement; return (rowcount, rows or None, status message)."""
 
     @abc.abstractmethod
+    async def run_many(self, query: str, params_seq: list[Params]) -> int:
+        """``executemany``: psycopg sends the statements in pipeline mode (one network round
+        trip for the batch, where libpq supports it); return the total rows affected."""
+
+    @abc.abstractmethod
     async def rollback(self) -> None:
         """Roll back the open transaction (psycopg's own, protocol-aware rollback)."""
 
@@ -154,6 +159,11 @@ class TrioBackend(Backend):
             # cursor keeps its last PGresult alive, which must not pin a large one in memory.
             self._cursor = cur
         return result
+
+    async def run_many(self, query: str, params_seq: list[Params]) -> int:
+        cur = self.conn.cursor()
+        await cur.executemany(query, [() if p is None else p for p in params_seq])
+        return max(cur.rowcount, 0)
 
     async def rollback(self) -> None:
         self._cursor = None
@@ -232,6 +242,14 @@ class ThreadBackend(Backend):
             rows = cur.fetchall() if want_rows and seam.has_rows(cur) else None
             self.last_description = cur.description if rows is not None else None
             return cur.rowcount, rows, cur.statusmessage
+
+        return await self._call(op)
+
+    async def run_many(self, query: str, params_seq: list[Params]) -> int:
+        def op(conn: psycopg.Connection[TupleRow]) -> int:
+            cur = conn.cursor()
+            cur.executemany(query, [() if p is None else p for p in params_seq])
+            return max(cur.rowcount, 0)
 
         return await self._call(op)
 

@@ -256,16 +256,15 @@ class PsycopgConnection:
         return _leaves_state(query)
 
     async def execute_many(self, query: str, params_seq: list[Params]) -> int:
-        """Run ``query`` once per parameter set; total rows affected. The statements go out
-        back to back on the open connection, one round trip each."""
-        total = 0
+        """Run ``query`` once per parameter set, pipelined (psycopg's ``executemany``: the
+        batch goes out without waiting for each result); total rows affected."""
+        if self._b.closed:
+            raise ConnectionLost("postgresql connection is closed")
         with self._exclusive():
-            for params in params_seq:
-                rowcount, _, _ = await self._run(
-                    query, params, prepare=self._prepare_flag(query), want_rows=False
-                )
-                total += max(rowcount, 0)
-        return total
+            try:
+                return await self._b.run_many(query, params_seq)
+            except psycopg.Error as exc:
+                raise await self._failure(exc) from exc
 
     async def reset_session(self) -> None:
         """``DISCARD ALL``: settings, roles, temporary tables, LISTEN, session advisory locks,

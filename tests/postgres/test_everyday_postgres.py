@@ -165,3 +165,21 @@ async def test_set_role_does_not_survive_into_the_next_lease(pg_dsn: str, pg_ser
     finally:
         with psycopg.connect(pg_server.admin_dsn, autocommit=True) as admin:
             admin.execute(f"drop role if exists {role}")
+
+
+@pytest.mark.parametrize("io", ["trio", "thread"])
+async def test_execute_many_is_pipelined_and_joins_the_callers_transaction(
+    pg_dsn: str, make_table: Callable[[str], str], io: str
+) -> None:
+    from actors.psycopg import PsycopgDriver
+
+    table = make_table("id int primary key")
+    async with open_pool(PsycopgDriver(pg_dsn, io=io), size=1) as pool:  # type: ignore[arg-type]
+        async with pool.transaction() as tx:
+            added = await pool.execute_many(
+                f"insert into {table} values (%s)", [(i,) for i in range(50)]
+            )
+            assert added == 50
+            tx.rollback()  # the caller's transaction: all 50 go with it
+        assert await pool.fetch_val(f"select count(*) from {table}") == 0
+        assert await pool.execute_many(f"insert into {table} values (%s)", [(1,), (2,)]) == 2
