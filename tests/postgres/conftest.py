@@ -1,9 +1,10 @@
-"""Fixtures for the real-server PostgreSQL suite.
+"""Fixtures for the real-server PostgreSQL suite, thin wrappers over the pytest plugin's.
 
-A session-scoped throwaway cluster (see :mod:`tests.postgres.cluster`) is started once, unless
-``TCS_POSTGRES_DSN`` names an existing server. Without server binaries and without that
-variable every test of this package FAILS (CI installs the server; a silently skipped suite
-would hide a broken driver).
+The server is the plugin's session-scoped ``postgres_server`` (:mod:`supervisor.testing.plugin`):
+``--postgres-dsn`` or ``TCS_POSTGRES_DSN`` names an existing server, else a throwaway cluster
+(:mod:`supervisor.testing.cluster`) is started once. Without server binaries and without a DSN
+every test of this package FAILS (CI installs the server; a silently skipped suite would hide a
+broken driver).
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
 
-from .cluster import (
+from supervisor.testing.cluster import (
+    DSN_ENV,
     INSTALL_HINT,
-    Admin,
+    PostgresAdmin,
     PostgresCluster,
-    ServerInfo,
+    PostgresServer,
     find_bindir,
-    running_cluster,
+    throwaway_cluster,
 )
+
+from .cluster import ServerInfo
 
 _HERE = Path(__file__).resolve().parent
 
@@ -37,20 +40,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[ServerInfo]:
-    """The server the suite talks to: TCS_POSTGRES_DSN, else a cluster started here."""
-    dsn = os.environ.get("TCS_POSTGRES_DSN")
-    if dsn:
-        password = conninfo_to_dict(dsn).get("password")
-        yield ServerInfo(
-            dsn=dsn, admin_dsn=dsn, cluster=None, password=str(password) if password else None
-        )
-        return
-    bindir = find_bindir()
-    if bindir is None:
-        pytest.fail(INSTALL_HINT, pytrace=False)
-    with running_cluster(bindir) as cluster:
-        yield cluster.info()
+def pg_server(postgres_server: PostgresServer) -> ServerInfo:
+    """The server the suite talks to (the plugin's ``postgres_server``)."""
+    return ServerInfo.of(postgres_server)
 
 
 @pytest.fixture
@@ -60,27 +52,24 @@ def pg_dsn(pg_server: ServerInfo) -> str:
 
 
 @pytest.fixture
-def pg_admin(pg_server: ServerInfo) -> Iterator[Admin]:
+def pg_admin(pg_server: ServerInfo) -> Iterator[PostgresAdmin]:
     """A separate plain psycopg connection for pg_stat_activity / pg_terminate_backend."""
-    admin = Admin(pg_server.admin_dsn)
-    try:
+    with PostgresAdmin(pg_server.admin_dsn) as admin:
         yield admin
-    finally:
-        admin.close()
 
 
 @pytest.fixture
-def pg_private_cluster() -> Iterator[PostgresCluster]:
+def pg_private_cluster(request: pytest.FixtureRequest) -> Iterator[PostgresCluster]:
     """A dedicated cluster for one test that stops and restarts the server.
 
-    Needs the server binaries (skipped only when TCS_POSTGRES_DSN is used instead of them).
+    Needs the server binaries (skipped only when an existing server is used instead of them).
     """
     bindir = find_bindir()
     if bindir is None:
-        if os.environ.get("TCS_POSTGRES_DSN"):
+        if request.config.getoption("tcs_postgres_dsn") or os.environ.get(DSN_ENV):
             pytest.skip("needs local server binaries to stop and restart a server")
         pytest.fail(INSTALL_HINT, pytrace=False)
-    with running_cluster(bindir) as cluster:
+    with throwaway_cluster(bindir) as cluster:
         yield cluster
 
 
