@@ -1,7 +1,7 @@
 """Hosted asyncio drivers against the native one: ``python tests/bench/bench_aio.py [--quick]``.
 
 A benchmark, not a test (pytest does not collect ``tests/bench``). In one Trio run, against a
-throwaway cluster it starts itself (``tests/postgres/cluster.py``; or the server of
+throwaway cluster it starts itself (``supervisor.testing.cluster``; or the server of
 ``TCS_POSTGRES_DSN``), over TCP on 127.0.0.1, sequential ``await pool.fetch_val("select 1")``
 (one client, one query at a time, pool of 1) through:
 

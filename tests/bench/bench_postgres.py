@@ -2,7 +2,7 @@
 
 A benchmark, not a test: it asserts nothing about timing and pytest does not collect it
 (``tests/bench`` is in ``norecursedirs``). In one run, against one throwaway cluster it starts
-itself (``tests/postgres/cluster.py``; or the server of ``TCS_POSTGRES_DSN`` when set), over TCP
+itself (``supervisor.testing.cluster``; or the server of ``TCS_POSTGRES_DSN`` when set), over TCP
 on 127.0.0.1, it measures:
 
 * the baseline: a plain synchronous :class:`psycopg.Connection` (autocommit) running

@@ -277,6 +277,7 @@ async def test_stream_server_side_cursor(pool: Pool, kind: str, make_table: Any)
 
 
 async def test_statistics(pool: Pool) -> None:
+    await pool.wait()  # both connections made (they connect concurrently with the test)
     before = pool.statistics()
     for _ in range(5):
         await pool.fetch_val("select 1")
