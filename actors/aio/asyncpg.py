@@ -41,6 +41,8 @@ from actors.driver import (
     TransactionOptions,
     redact,
 )
+from actors.pgsql import RESET_SQL
+from actors.pgsql import leaves_session_state as _leaves_state
 
 __all__ = ["AsyncpgConnection", "AsyncpgCursor", "AsyncpgDriver", "from_url"]
 
@@ -181,6 +183,7 @@ class AsyncpgConnection(AioConnection):
         self._cursors: dict[int, AsyncpgCursor] = {}
         self.backend_pid: int = int(raw.get_server_pid())
         """The server process id of this session (for pg_stat_activity)."""
+        self._columns: list[str] = []
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.status()
@@ -298,7 +301,31 @@ class AsyncpgConnection(AioConnection):
             records = await self._prepared_call(query, lambda: stmt.fetch(*args))
         else:
             records = await self._run(lambda: raw.fetch(query, *args))
+        self._columns = list(records[0].keys()) if records else []
         return [tuple(record) for record in records]
+
+    # -- optional protocol methods (actors.driver.Connection)
+
+    paramstyle = "numeric"
+    """asyncpg's placeholders: ``$1``, ``$2``, ..."""
+
+    def columns(self) -> list[str]:
+        """The column names of the last ``fetch`` that returned rows."""
+        return list(self._columns)
+
+    def leaves_session_state(self, query: str) -> bool:
+        """Whether ``query`` may leave session state (see :mod:`actors.pgsql`)."""
+        return _leaves_state(query)
+
+    async def reset_session(self) -> None:
+        """``DISCARD ALL``, then forget every statement prepared on this connection (ours and
+        asyncpg's own cache: the server no longer has them)."""
+        raw = self._raw
+        await self._run(lambda: raw.execute(RESET_SQL))
+        self._prepared.clear()
+        drop = getattr(raw, "_drop_local_statement_cache", None)  # asyncpg's own cache
+        if drop is not None:
+            drop()
 
     def _statement(self, query: str) -> Any:
         stmt = self._prepared.get(query)
@@ -406,6 +433,11 @@ class AsyncpgCursor:
         self._own_tx = own_tx
         self._closed = False
         self._exhausted = False
+        self._names: list[str] = []
+
+    def columns(self) -> list[str]:
+        """The column names of this result (known once the first batch came)."""
+        return list(self._names)
 
     def _forget(self) -> None:
         self._closed = True
@@ -422,6 +454,8 @@ class AsyncpgCursor:
             raise DatabaseError("the cursor is closed", sqlstate="34000")
         portal, n = self._portal, self._batch_size
         records = await self._conn._run(lambda: portal.fetch(n))
+        if records and not self._names:
+            self._names = list(records[0].keys())
         batch = [tuple(record) for record in records]
         if len(batch) < n:
             self._exhausted = True

@@ -43,6 +43,8 @@ from actors.driver import (
     TransactionOptions,
     redact,
 )
+from actors.pgsql import RESET_SQL
+from actors.pgsql import leaves_session_state as _leaves_state
 
 __all__ = ["AsyncPsycopgConnection", "AsyncPsycopgCursor", "AsyncPsycopgDriver"]
 
@@ -161,6 +163,7 @@ class AsyncPsycopgConnection(AioConnection):
         self._cursors: dict[int, AsyncPsycopgCursor] = {}
         self.backend_pid: int = int(raw.info.backend_pid)
         """The server process id of this session (for pg_stat_activity)."""
+        self._description: Any = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.status()
@@ -229,6 +232,8 @@ class AsyncPsycopgConnection(AioConnection):
             cur = raw.cursor()
             await cur.execute(query, params, prepare=prepare)
             got = await cur.fetchall() if rows and cur.description is not None else None
+            if got is not None:
+                self._description = cur.description
             return cur.rowcount, got, cur.statusmessage
 
         return await self._run(op)
@@ -257,6 +262,24 @@ class AsyncPsycopgConnection(AioConnection):
         """Run a query and return its rows as tuples."""
         _, rows, _ = await self._exec(query, params, self._prepare_flag(query), True)
         return rows if rows is not None else []
+
+    # -- optional protocol methods (actors.driver.Connection)
+
+    paramstyle = "format"
+    """psycopg's placeholders: ``%s``, or ``%(name)s`` with a mapping."""
+
+    def columns(self) -> list[str]:
+        """The column names of the last result with rows."""
+        return [column.name for column in self._description or ()]
+
+    def leaves_session_state(self, query: str) -> bool:
+        """Whether ``query`` may leave session state (see :mod:`actors.pgsql`)."""
+        return _leaves_state(query)
+
+    async def reset_session(self) -> None:
+        """``DISCARD ALL`` (psycopg forgets its prepared statements on seeing it)."""
+        await self._exec(RESET_SQL, None, False, False)
+        self._prepared.clear()
 
     async def prepare(self, query: str) -> None:
         """Mark ``query`` for psycopg's server-side preparation on its next execution."""
@@ -344,6 +367,11 @@ class AsyncPsycopgCursor:
         self._own_tx = own_tx
         self._closed = False
         self._exhausted = False
+        self._names: list[str] = []
+
+    def columns(self) -> list[str]:
+        """The column names of this result (known once the first batch came)."""
+        return list(self._names)
 
     def _forget(self) -> None:
         self._closed = True
@@ -360,6 +388,8 @@ class AsyncPsycopgCursor:
         _, rows, _ = await self._conn._exec(
             f"FETCH FORWARD {self._batch_size} FROM {self._name}", None, False, True
         )
+        if not self._names:
+            self._names = self._conn.columns()
         batch = rows if rows is not None else []
         if len(batch) < self._batch_size:
             self._exhausted = True

@@ -30,9 +30,9 @@ from actors.driver import (
     TransactionOptions,
     redact,
 )
+from actors.pgsql import RESET_SQL
+from actors.pgsql import leaves_session_state as _leaves_state
 from actors.psycopg.backends import Backend, IoMode, Result
-from actors.psycopg.session import RESET_SQL
-from actors.psycopg.session import leaves_session_state as _leaves_state
 
 __all__ = ["PsycopgConnection", "PsycopgCursor"]
 
@@ -252,7 +252,7 @@ class PsycopgConnection:
         return [column.name for column in self._b.last_description or ()]
 
     def leaves_session_state(self, query: str) -> bool:
-        """Whether ``query`` may leave session state (see :mod:`actors.psycopg.session`)."""
+        """Whether ``query`` may leave session state (see :mod:`actors.pgsql`)."""
         return _leaves_state(query)
 
     async def execute_many(self, query: str, params_seq: list[Params]) -> int:

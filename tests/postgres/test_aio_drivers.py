@@ -586,3 +586,28 @@ async def test_open_pool_takes_a_postgresql_asyncpg_url(pg_dsn: str) -> None:
         async with pool.transaction() as tx:
             async with tx.transaction(savepoint=True):
                 assert await tx.fetch_val("select 1") == 1
+
+
+def _ph(kind: str, n: int) -> str:
+    return f"${n}" if kind == "asyncpg" else "%s"
+
+
+async def test_hosted_drivers_reset_sessions_and_return_named_rows(
+    kind: str, driver: AioDriverBase
+) -> None:
+    from supervisor.rows import dict_row
+
+    async with open_pool(driver, size=1, name="aio-everyday", row_factory=dict_row) as pool:
+        stmt = pool.statement(f"select {_ph(kind, 1)}::int + 1 as n")
+        assert await stmt.fetch_one((1,)) == {"n": 2}
+        async with pool.run() as conn:
+            await conn.execute("set search_path = pg_catalog")
+            await conn.execute("create temp table leak (x int)")
+        async with pool.run() as conn:
+            assert await conn.fetch_val("show search_path") == '"$user", public'
+            assert await conn.fetch_val(
+                "select count(*) from pg_tables where tablename = 'leak'"
+            ) == 0
+            assert await conn.fetch_one(stmt, (41,)) == {"n": 42}  # prepared again after DISCARD
+            rows = [r async for r in conn.stream("select 1 as a union all select 2", batch_size=1)]
+            assert rows == [{"a": 1}, {"a": 2}]

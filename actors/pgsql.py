@@ -1,4 +1,5 @@
-"""Session state on PostgreSQL: which statements may leave some behind, and how to drop it.
+"""PostgreSQL SQL knowledge shared by every PostgreSQL driver (native psycopg, and the hosted
+asyncio drivers): which statements may leave session state behind, and how to drop it.
 
 Why: a pooled connection outlives its client, and ``reset="auto"`` resets a session only after a
 lease that may have changed it, so the clean path costs no round trip. Rules: the check is a
