@@ -106,8 +106,11 @@ async def load(
     return out
 
 
-async def check(dsn: str, pool: Pool, table: str, out: Outcomes, *, timeout: float = 30) -> None:
-    """The invariants of the module docstring (raises AssertionError naming the broken one)."""
+async def check(
+    dsn: str, pool: Pool, table: str, out: Outcomes, *, timeout: float = 30
+) -> float:
+    """The invariants of the module docstring (raises AssertionError naming the broken one);
+    returns how long the pool took to get back to full size and idle after the load."""
     with psycopg.connect(dsn, autocommit=True) as c:
         ledger = [int(r[0]) for r in c.execute(f"select id from {table}_ledger").fetchall()]
         row = c.execute(f"select n from {table}_count").fetchone()
@@ -118,12 +121,14 @@ async def check(dsn: str, pool: Pool, table: str, out: Outcomes, *, timeout: flo
     assert seen <= out.committed | out.uncertain, "a row nobody was told about"
     assert row is not None and row[0] == len(ledger), "counter and ledger disagree"
     size = pool.statistics().size
+    start = trio.current_time()
     with trio.fail_after(timeout):
-        while True:
+        while True:  # polls the pool's own statistics, bounded by the deadline
             stats = pool.statistics()
             if stats.idle == size == pool.min_size and stats.busy == 0:
                 break
             await trio.sleep(0.02)
+    recovered = trio.current_time() - start
     with psycopg.connect(dsn, autocommit=True) as c:
         stuck = c.execute(
             "select count(*) from pg_stat_activity where state like 'idle in transaction%%'"
@@ -131,6 +136,9 @@ async def check(dsn: str, pool: Pool, table: str, out: Outcomes, *, timeout: flo
             (table,),
         ).fetchone()
     assert stuck is not None and stuck[0] == 0, "a session was left idle in transaction"
+    print(f"[matrix] {table}: recovered to full size {recovered * 1000:.0f} ms after the load;"
+          f" clients saw {dict(sorted(out.errors.items()))}")
+    return recovered
 
 
 def target(dsn: str, table: str) -> str:
