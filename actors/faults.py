@@ -23,6 +23,13 @@ What an injected fault looks like to the pool is exactly what a real one looks l
 
 ``status``, ``cancel`` and ``close`` are never faulted: the first does no I/O and the protocol
 says the other two never raise.
+
+The optional protocol methods (``columns``, ``execute_many``, ``leaves_session_state``,
+``reset_session``; see :class:`actors.driver.Connection`) exist on a wrapped connection exactly
+when the inner connection has them, so the pool sees the wrapped driver's abilities.
+``execute_many`` and ``reset_session`` are faultable like any call (``reset_session`` only ever
+as ConnectionLost, as for ``reset``); ``columns`` and ``leaves_session_state`` do no I/O and are
+passed through.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ OPERATIONS: Final = frozenset(
         "connect",
         "ping",
         "execute",
+        "execute_many",
         "fetch",
         "open_cursor",
         "fetch_batch",
@@ -67,13 +75,17 @@ OPERATIONS: Final = frozenset(
         "release",
         "rollback_to",
         "reset",
+        "reset_session",
     }
 )
 """The operation names a :class:`FaultPlan` or :meth:`FaultDriver.fail_next` may name."""
 
 T = TypeVar("T")
 
-_LOST_ONLY: Final = frozenset({"ping", "reset"})
+_LOST_ONLY: Final = frozenset({"ping", "reset", "reset_session"})
+# Optional protocol members passed through as they are (no I/O) / wrapped as faultable calls.
+_PASSED: Final = frozenset({"columns", "leaves_session_state", "paramstyle"})
+_FAULTED: Final = frozenset({"execute_many", "reset_session"})
 _SQLSTATE: Final[Mapping[str, str | None]] = {
     "serialization": "40001",
     "integrity": "23000",
@@ -172,6 +184,12 @@ class FaultCursor:
         """Close the inner cursor; never faulted."""
         await self.inner.close()
 
+    def __getattr__(self, name: str) -> Any:
+        # ``columns`` exactly when the inner cursor has it (no I/O: passed through).
+        if name == "columns":
+            return getattr(self.inner, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
 
 class FaultConnection:
     """Wraps one live connection of a :class:`FaultDriver`; every I/O method may be faulted."""
@@ -193,6 +211,29 @@ class FaultConnection:
     def break_(self) -> None:
         """Kill this connection: its next call (including ping) raises ConnectionLost."""
         self.broken = True
+
+    def __getattr__(self, name: str) -> Any:
+        # The optional protocol methods, exactly when the inner connection has them (a missing
+        # one raises AttributeError here, so getattr(conn, name, None) is None, as the pool
+        # expects). Only reached for names the class does not define.
+        if name in _PASSED:
+            return getattr(self.inner, name)
+        if name in _FAULTED:
+            getattr(self.inner, name)
+            return getattr(self, f"_{name}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    async def _execute_many(self, query: str, params_seq: list[Params]) -> int:
+        """Faultable ``execute_many`` (the inner connection's)."""
+        inner: Any = self.inner  # an optional method: not in the Connection protocol
+        many: Callable[[str, list[Params]], Awaitable[int]] = inner.execute_many
+        return await self._call("execute_many", many, query, params_seq)
+
+    async def _reset_session(self) -> None:
+        """Faultable ``reset_session`` (only ever as ConnectionLost, per the protocol)."""
+        inner: Any = self.inner  # an optional method: not in the Connection protocol
+        reset: Callable[[], Awaitable[None]] = inner.reset_session
+        await self._call("reset_session", reset)
 
     async def _die(self, op: str, how: str) -> ConnectionLost:
         self.broken = True

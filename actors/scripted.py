@@ -15,6 +15,13 @@ protocol a pool produced (for example that no ``commit`` is ever sent after a ne
         ...
     assert driver.ops(exclude={"ping"}) == ["connect", "begin", "execute", "commit", ...]
 
+The optional protocol methods are there too: ``execute_many`` and ``reset_session`` are recorded
+(and scriptable) operations; ``columns()`` gives the names in :attr:`ScriptedDriver.columns_for`
+for the last query (default ``c0``, ``c1``... for the width of its first row), and
+``leaves_session_state(query)`` is :attr:`ScriptedDriver.leaves_state` (default: the query
+starts with ``SET``, ``RESET``, ``LISTEN``, ``PRAGMA``, ``CREATE TEMP``...). Neither does I/O
+and neither is recorded.
+
 The connection tracks a transaction status like a real one (``begin`` -> ``"transaction"``,
 ``commit`` / ``rollback`` / ``reset`` -> ``"idle"``), honours the kill-safety rule (``close()``
 from another task makes an in-flight call raise :class:`ConnectionLost`) and the cancellation
@@ -24,8 +31,9 @@ rule (a call cancelled midway leaves status ``"unknown"`` until ``reset()``).
 from __future__ import annotations
 
 import inspect
+import re
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +55,7 @@ __all__ = [
     "ScriptedDriver",
     "Step",
     "blocking",
+    "starts_session_state",
 ]
 
 Step = Any
@@ -64,13 +73,36 @@ OPERATIONS = frozenset(
         "release",
         "rollback_to",
         "execute",
+        "execute_many",
         "fetch",
         "open_cursor",
         "prepare",
         "cancel",
         "reset",
+        "reset_session",
     }
 )
+
+_SESSION_STATE = re.compile(
+    r"\s*(?:set|reset|listen|unlisten|prepare|deallocate|discard|load|pragma|attach|detach"
+    r"|create\s+temp(?:orary)?)\b",
+    re.IGNORECASE,
+)
+
+
+def starts_session_state(query: str) -> bool:
+    """The scripted driver's default ``leaves_session_state``: the statement starts with a
+    session-changing keyword (``SET``, ``RESET``, ``LISTEN``, ``PREPARE``, ``DISCARD``,
+    ``PRAGMA``, ``ATTACH``, ``CREATE TEMP``...)."""
+    return _SESSION_STATE.match(query) is not None
+
+
+def _names(
+    columns_for: Mapping[str, Sequence[str]], query: str | None, rows: list[Row]
+) -> list[str]:
+    if query is not None and query in columns_for:
+        return list(columns_for[query])
+    return [f"c{i}" for i in range(len(rows[0]))] if rows else []
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +119,9 @@ class ScriptedDriver:
     """A driver whose every answer comes from a script. See the module docstring.
 
     ``record=False`` keeps no call log (for benchmarks). ``options`` are the connect options
-    handed to ``configure``; a ``password`` key there is treated as a secret.
+    handed to ``configure``; a ``password`` key there is treated as a secret. ``columns`` maps
+    a query text to the column names its results report (:attr:`columns_for`);
+    ``leaves_state`` decides ``leaves_session_state`` (default :func:`starts_session_state`).
     """
 
     name = "scripted"
@@ -98,8 +132,15 @@ class ScriptedDriver:
         *,
         options: Mapping[str, Any] | None = None,
         record: bool = True,
+        columns: Mapping[str, Sequence[str]] | None = None,
+        leaves_state: Callable[[str], bool] = starts_session_state,
     ) -> None:
         self._script: dict[str, deque[Step]] = {}
+        self.columns_for: dict[str, list[str]] = {q: list(n) for q, n in (columns or {}).items()}
+        """Column names by query text, for ``columns()`` (shared by the connections, unless a
+        connection is given its own ``columns_for``)."""
+        self.leaves_state = leaves_state
+        """What ``leaves_session_state(query)`` answers on every connection."""
         self._options = dict(options or {})
         self.record = record
         self.calls: list[Call] = []
@@ -178,12 +219,20 @@ class ScriptedDriver:
 class ScriptedCursor:
     """A cursor over scripted rows, handed out in batches."""
 
-    def __init__(self, conn: ScriptedConnection, rows: list[Row], batch_size: int) -> None:
+    def __init__(
+        self, conn: ScriptedConnection, rows: list[Row], batch_size: int, query: str | None = None
+    ) -> None:
         self._conn = conn
         self._rows = rows
         self._pos = 0
         self._batch = batch_size
+        self._query = query
         self.closed = False
+
+    def columns(self) -> list[str]:
+        """The names of this result: the connection's ``columns_for[query]``, else ``c0``,
+        ``c1``... for the width of its first row (no I/O, not recorded)."""
+        return _names(self._conn.columns_for, self._query, self._rows)
 
     async def fetch_batch(self) -> list[Row]:
         """The next ``batch_size`` rows."""
@@ -209,6 +258,9 @@ class ScriptedConnection:
         self._status: Status = "idle"
         self._scope: trio.CancelScope | None = None
         self.forced_status: Status | None = None
+        self.columns_for: dict[str, list[str]] = driver.columns_for
+        """Column names by query text for this connection (the driver's, unless replaced)."""
+        self._last: tuple[str, list[Row]] | None = None  # the last fetch, for columns()
 
     def __repr__(self) -> str:
         return f"<ScriptedConnection #{self.id} {self.status()}{' closed' if self.closed else ''}>"
@@ -269,12 +321,33 @@ class ScriptedConnection:
     async def fetch(self, query: str, params: Params = None) -> list[Row]:
         """Scripted ``fetch``: default result no rows."""
         result: list[Row] = await self._run("fetch", (query, params), [])
+        self._last = (query, result)
         return result
+
+    def columns(self) -> list[str]:
+        """The names of the last ``fetch``'s result: ``columns_for[query]``, else ``c0``,
+        ``c1``... for the width of its first row; ``[]`` before any (no I/O, not recorded)."""
+        if self._last is None:
+            return []
+        return _names(self.columns_for, *self._last)
+
+    def leaves_session_state(self, query: str) -> bool:
+        """The driver's :attr:`~ScriptedDriver.leaves_state` (no I/O, not recorded)."""
+        return self.driver.leaves_state(query)
+
+    async def execute_many(self, query: str, params_seq: list[Params]) -> int:
+        """Scripted ``execute_many``, one recorded call: default result 0 rows affected."""
+        result: int = await self._run("execute_many", (query, list(params_seq)), 0)
+        return result
+
+    async def reset_session(self) -> None:
+        """Scripted ``reset_session`` (the actor's, on an idle connection)."""
+        await self._run("reset_session", (), None)
 
     async def open_cursor(self, query: str, params: Params, batch_size: int) -> ScriptedCursor:
         """Scripted ``open_cursor``: the step's value is the full list of rows."""
         rows: list[Row] = await self._run("open_cursor", (query, params, batch_size), [])
-        return ScriptedCursor(self, list(rows), batch_size)
+        return ScriptedCursor(self, list(rows), batch_size, query)
 
     async def prepare(self, query: str) -> None:
         """Scripted ``prepare``."""

@@ -33,7 +33,15 @@ import actors.psycopg.seam as seam
 from actors.driver import Params, Row
 from actors.threads import EngineClosed, ThreadEngine, call_in_thread
 
-__all__ = ["Backend", "IoMode", "Result", "ThreadBackend", "TrioBackend", "open_backend"]
+__all__ = [
+    "FORGETS_PREPARED",
+    "Backend",
+    "IoMode",
+    "Result",
+    "ThreadBackend",
+    "TrioBackend",
+    "open_backend",
+]
 
 _T = TypeVar("_T")
 
@@ -45,6 +53,9 @@ Result = tuple[int, list[Row] | None, str | None]
 
 # Upper bound of the best-effort cancel close() sends for a query still running.
 _CLOSE_CANCEL_TIMEOUT = 1.0
+# Command tags after which the server has no prepared statement left: psycopg must forget its
+# own (it notices them only sometimes; see seam.forget_prepared).
+FORGETS_PREPARED = frozenset({"DISCARD ALL", "DEALLOCATE ALL"})
 # A completed call keeps its cursor for the next one only after a result this small.
 _REUSE_CURSOR_MAX_ROWS = 100
 # Threads of one connection: its call, plus cancel requests beside it, plus calls whose
@@ -56,8 +67,9 @@ _THREADS_PER_CONNECTION = 8
 class Backend(abc.ABC):
     """The handful of primitive operations :class:`~actors.psycopg.PsycopgConnection` uses."""
 
-    last_description: Any = None
-    """psycopg's description of the last result with rows (its column names), or None."""
+    _last: Any = None
+    """The last result with rows: its PGresult (names decoded only when asked, by
+    :meth:`columns`), its names already decoded (a list), or None."""
 
     conn: psycopg.Connection[TupleRow] | psycopg.AsyncConnection[TupleRow]
     info: psycopg.ConnectionInfo
@@ -67,6 +79,27 @@ class Backend(abc.ABC):
     def transaction_status(self) -> int:
         """libpq's transaction status (a :class:`psycopg.pq.TransactionStatus` value)."""
         return seam.transaction_status(self.conn)
+
+    def _keep(
+        self, cur: psycopg.Cursor[TupleRow] | psycopg.AsyncCursor[TupleRow], rows: int
+    ) -> None:
+        """Remember the result ``cur`` just gave (``rows`` rows) for :meth:`columns`, cheaply:
+        a small result is kept as is (its cursor keeps it alive anyway); the names of a large
+        one are decoded now, so that it is not pinned in memory."""
+        result = cur.pgresult
+        if rows > _REUSE_CURSOR_MAX_ROWS and result is not None:
+            self._last = seam.result_names(result, self.info.encoding)
+        else:
+            self._last = result
+
+    def columns(self) -> list[str]:
+        """The column names of the last result with rows ([] after a statement without)."""
+        last = self._last
+        if last is None:
+            return []
+        if not isinstance(last, list):
+            last = self._last = seam.result_names(last, self.info.encoding)
+        return list(last)
 
     @property
     @abc.abstractmethod
@@ -83,6 +116,11 @@ class Backend(abc.ABC):
     async def run_many(self, query: str, params_seq: list[Params]) -> int:
         """``executemany``: psycopg sends the statements in pipeline mode (one network round
         trip for the batch, where libpq supports it); return the total rows affected."""
+
+    @abc.abstractmethod
+    async def discard(self, query: str) -> None:
+        """Run ``query`` (``DISCARD ALL``, outside a transaction) and make psycopg forget the
+        statements it prepared, which that command deallocated, in one operation."""
 
     @abc.abstractmethod
     async def rollback(self) -> None:
@@ -152,8 +190,13 @@ class TrioBackend(Backend):
         cur, self._cursor = self._cursor or self.conn.cursor(), None
         await cur.execute(query, params, prepare=prepare)
         rows = await cur.fetchall() if want_rows and seam.has_rows(cur) else None
-        self.last_description = cur.description if rows is not None else None
+        if rows is None:
+            self._last = None
+        else:
+            self._keep(cur, len(rows))
         result = cur.rowcount, rows, cur.statusmessage
+        if result[2] in FORGETS_PREPARED:
+            seam.forget_prepared(self.conn)
         if rows is None or len(rows) <= _REUSE_CURSOR_MAX_ROWS:
             # Only a completed call gives its cursor back, and only after a small result: the
             # cursor keeps its last PGresult alive, which must not pin a large one in memory.
@@ -164,6 +207,11 @@ class TrioBackend(Backend):
         cur = self.conn.cursor()
         await cur.executemany(query, [() if p is None else p for p in params_seq])
         return max(cur.rowcount, 0)
+
+    async def discard(self, query: str) -> None:
+        self._cursor, self._last = None, None
+        await self.conn.cursor().execute(query, prepare=False)
+        seam.forget_prepared(self.conn)  # no checkpoint between the command and this
 
     async def rollback(self) -> None:
         self._cursor = None
@@ -240,8 +288,14 @@ class ThreadBackend(Backend):
             cur = conn.cursor()
             cur.execute(query, params, prepare=prepare)
             rows = cur.fetchall() if want_rows and seam.has_rows(cur) else None
-            self.last_description = cur.description if rows is not None else None
-            return cur.rowcount, rows, cur.statusmessage
+            if rows is None:
+                self._last = None
+            else:
+                self._keep(cur, len(rows))
+            tag = cur.statusmessage
+            if tag in FORGETS_PREPARED:
+                seam.forget_prepared(conn)  # in the same thread call as the command
+            return cur.rowcount, rows, tag
 
         return await self._call(op)
 
@@ -252,6 +306,14 @@ class ThreadBackend(Backend):
             return max(cur.rowcount, 0)
 
         return await self._call(op)
+
+    async def discard(self, query: str) -> None:
+        def op(conn: psycopg.Connection[TupleRow]) -> None:
+            self._last = None
+            conn.cursor().execute(query, prepare=False)
+            seam.forget_prepared(conn)  # in the same thread call as the command
+
+        await self._call(op)
 
     async def rollback(self) -> None:
         await self._call(lambda conn: conn.rollback())

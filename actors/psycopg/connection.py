@@ -32,7 +32,7 @@ from actors.driver import (
 )
 from actors.pgsql import RESET_SQL
 from actors.pgsql import leaves_session_state as _leaves_state
-from actors.psycopg.backends import Backend, IoMode, Result
+from actors.psycopg.backends import FORGETS_PREPARED, Backend, IoMode, Result
 
 __all__ = ["PsycopgConnection", "PsycopgCursor"]
 
@@ -229,17 +229,21 @@ class PsycopgConnection:
     async def execute(self, query: str, params: Params = None) -> int:
         """Run a statement; return the rows affected (-1 when the server does not say)."""
         with self._exclusive():
-            rowcount, _, _ = await self._run(
+            rowcount, _, tag = await self._run(
                 query, params, prepare=self._prepare_flag(query), want_rows=False
             )
+            if tag in FORGETS_PREPARED:  # the client ran DISCARD ALL / DEALLOCATE ALL itself
+                self._prepared.clear()
             return rowcount
 
     async def fetch(self, query: str, params: Params = None) -> list[Row]:
         """Run a query and return all its rows as tuples ([] for a statement without rows)."""
         with self._exclusive():
-            _, rows, _ = await self._run(
+            _, rows, tag = await self._run(
                 query, params, prepare=self._prepare_flag(query), want_rows=True
             )
+            if tag in FORGETS_PREPARED:
+                self._prepared.clear()
             return rows if rows is not None else []
 
     # -- optional protocol methods (actors.driver.Connection) -------------------------------
@@ -249,7 +253,7 @@ class PsycopgConnection:
 
     def columns(self) -> list[str]:
         """The column names of the last result with rows, as the server reported them."""
-        return [column.name for column in self._b.last_description or ()]
+        return self._b.columns()
 
     def leaves_session_state(self, query: str) -> bool:
         """Whether ``query`` may leave session state (see :mod:`actors.pgsql`)."""
@@ -268,11 +272,27 @@ class PsycopgConnection:
 
     async def reset_session(self) -> None:
         """``DISCARD ALL``: settings, roles, temporary tables, LISTEN, session advisory locks,
-        prepared statements (psycopg forgets its own when it sees the command) and WITH HOLD
-        cursors. The connection must be idle (outside a transaction)."""
+        prepared statements and WITH HOLD cursors. psycopg is made to forget the statements it
+        prepared (:func:`actors.psycopg.seam.forget_prepared`), and this connection forgets
+        the texts marked by :meth:`prepare`: they are prepared again on their next use.
+
+        Called by the actor on an idle connection. Any failure is ConnectionLost: a session
+        that could not be reset must not be lent again.
+        """
         with self._exclusive():
-            await self._run(RESET_SQL, None, prepare=False, want_rows=False)
-        self._prepared.clear()
+            if self._b.closed:
+                raise ConnectionLost("postgresql connection is closed")
+            if self.status() != "idle":
+                raise ConnectionLost(
+                    f"postgresql session reset needs an idle connection, not {self.status()}"
+                )
+            self._prepared.clear()
+            try:
+                await self._b.discard(RESET_SQL)
+            except psycopg.Error as exc:
+                raise ConnectionLost(
+                    f"postgresql session reset ({RESET_SQL}) failed: {self._message(exc)}"
+                ) from exc
 
     async def prepare(self, query: str) -> None:
         """Mark ``query`` so its executions use a named server-side prepared statement.

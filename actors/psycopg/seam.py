@@ -24,7 +24,11 @@ by ``tests/postgres/test_psycopg_seam.py``, which fails loudly if it moves):
   ``flush`` / ``consume_input`` / ``is_busy`` / ``get_result`` / ``send_query`` /
   ``get_copy_data`` / ``put_copy_end`` / ``transaction_status`` / ``cancel_conn`` /
   ``get_cancel``, ``PGcancelConn.start`` / ``poll`` / ``socket`` / ``finish``,
-  ``PGresult.status``, and ``Cursor.pgresult``.
+  ``PGresult.status`` / ``nfields`` / ``fname``, and ``Cursor.pgresult``.
+* ``BaseConnection._prepared``, psycopg's ``PrepareManager`` (its ``clear()`` and its
+  ``_to_flush`` deque of pending deallocations): :func:`forget_prepared` empties it after a
+  ``DISCARD ALL`` or ``DEALLOCATE ALL`` (psycopg's own detection of those commands misses them
+  when their text is already in its counts).
 
 Rules: no other module of :mod:`actors.psycopg` imports a private psycopg name or uses a pq
 object; they call the functions here. This module imports only the standard library, trio,
@@ -56,7 +60,9 @@ from actors.threads import call_in_thread
 
 __all__ = [
     "TrioAsyncConnection",
+    "forget_prepared",
     "has_rows",
+    "result_names",
     "shutdown_socket",
     "sync_cancel_request",
     "sync_drain",
@@ -552,3 +558,25 @@ def has_rows(cursor: psycopg.Cursor[TupleRow] | psycopg.AsyncCursor[TupleRow]) -
     """Whether the cursor's last statement returned rows (``PGRES_TUPLES_OK``)."""
     result = cursor.pgresult
     return result is not None and result.status == _TUPLES_OK
+
+
+def result_names(result: pq.abc.PGresult, encoding: str) -> list[str]:
+    """The column names of ``result`` as the server reported them (``cursor.description``'s
+    names, without building its ``Column`` objects: ~1.5 us a column)."""
+    return [(result.fname(i) or b"").decode(encoding) for i in range(result.nfields)]
+
+
+def forget_prepared(
+    conn: psycopg.Connection[TupleRow] | psycopg.AsyncConnection[TupleRow],
+) -> None:
+    """Make psycopg forget every statement it prepared on ``conn`` (after ``DISCARD ALL`` or
+    ``DEALLOCATE ALL``).
+
+    ``DISCARD ALL`` deallocates them on the server. psycopg notices that command only the
+    first time its text is counted with statements prepared: later, it would go on executing
+    ``_pg3_<n>`` names that no longer exist ("prepared statement ... does not exist"). No
+    pending deallocation is kept either: there is nothing left to deallocate. No I/O.
+    """
+    manager = conn._prepared
+    manager.clear()
+    manager._to_flush.clear()
