@@ -45,6 +45,7 @@ from actors.driver import (
 )
 from actors.pgsql import RESET_SQL
 from actors.pgsql import leaves_session_state as _leaves_state
+from actors.psycopg.seam import forget_prepared
 
 __all__ = ["AsyncPsycopgConnection", "AsyncPsycopgCursor", "AsyncPsycopgDriver"]
 
@@ -75,6 +76,9 @@ def _connect_failure(exc: BaseException, secrets: Sequence[str]) -> Exception:
         if pattern.search(message):
             return DatabaseError(message, sqlstate=sqlstate, kind="other")
     return ConnectionLost(f"psycopg-async: cannot connect: {message}")
+
+
+_FORGETS_PREPARED = frozenset({"DISCARD ALL", "DEALLOCATE ALL"})
 
 
 class AsyncPsycopgDriver(AioDriverBase):
@@ -234,6 +238,9 @@ class AsyncPsycopgConnection(AioConnection):
             got = await cur.fetchall() if rows and cur.description is not None else None
             if got is not None:
                 self._description = cur.description
+            if cur.statusmessage in _FORGETS_PREPARED:
+                forget_prepared(raw)  # the server dropped them: psycopg may not have noticed
+                self._prepared.clear()
             return cur.rowcount, got, cur.statusmessage
 
         return await self._run(op)
@@ -277,8 +284,10 @@ class AsyncPsycopgConnection(AioConnection):
         return _leaves_state(query)
 
     async def reset_session(self) -> None:
-        """``DISCARD ALL`` (psycopg forgets its prepared statements on seeing it)."""
+        """``DISCARD ALL``; psycopg and this connection then forget every prepared statement
+        (:func:`actors.psycopg.seam.forget_prepared`: psycopg alone notices only sometimes)."""
         await self._exec(RESET_SQL, None, False, False)
+        forget_prepared(self._raw)
         self._prepared.clear()
 
     async def prepare(self, query: str) -> None:

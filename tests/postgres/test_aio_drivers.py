@@ -611,3 +611,15 @@ async def test_hosted_drivers_reset_sessions_and_return_named_rows(
             assert await conn.fetch_one(stmt, (41,)) == {"n": 42}  # prepared again after DISCARD
             rows = [r async for r in conn.stream("select 1 as a union all select 2", batch_size=1)]
             assert rows == [{"a": 1}, {"a": 2}]
+
+
+async def test_a_statement_survives_repeated_resets_on_hosted_drivers(
+    kind: str, driver: AioDriverBase
+) -> None:
+    async with open_pool(driver, size=1, name="aio-resets") as pool:
+        stmt = pool.statement(f"select {_ph(kind, 1)}::int")
+        for i in range(3):
+            for _ in range(6):  # past psycopg's prepare threshold
+                assert await stmt.fetch_val((i,)) == i
+            async with pool.run() as conn:
+                await conn.execute("set search_path = public")  # dirty: a reset follows
