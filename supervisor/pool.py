@@ -304,12 +304,15 @@ class Pool(metaclass=_NoPublicConstructor):
 
     # -- lifecycle (used by open_pool) ----------------------------------------------------------
 
-    async def _run_after_connect(self, actor: Actor, conn: drv.Connection) -> None:
-        """The ``after_connect=`` hook, with a handle on the new connection; the pool's one-shot
-        calls in the hook run on it."""
-        hook = self._options.after_connect
-        if hook is None:
-            return
+    async def _run_hook(
+        self,
+        what: str,
+        hook: Callable[[Connection], Awaitable[Any]],
+        actor: Actor,
+        conn: drv.Connection,
+    ) -> None:
+        """Run a user hook (``after_connect=``, ``reset=``) with a handle on ``conn``; the pool's
+        one-shot calls in the hook run on it too. It must leave the connection idle."""
         task = trio.lowlevel.current_task()
         lender = self._lender
         session = Session(self._reporter, self.limits, actor, conn, actor.generation, task,
@@ -324,8 +327,14 @@ class Pool(metaclass=_NoPublicConstructor):
                 del lender.holders[task]
         if session.interrupted or session.broken or conn.status() != "idle":
             raise PoolError(
-                "after_connect left the connection busy or in a transaction", pool=self.name
+                f"{what} left the connection busy or in a transaction", pool=self.name
             )
+
+    async def _run_after_connect(self, actor: Actor, conn: drv.Connection) -> None:
+        """The ``after_connect=`` hook, if any."""
+        hook = self._options.after_connect
+        if hook is not None:
+            await self._run_hook("after_connect", hook, actor, conn)
 
     async def _run_reset(self, actor: Actor, conn: drv.Connection) -> None:
         """Reset a session a lease left dirty: the user's ``reset=`` function (with a handle),
@@ -333,19 +342,7 @@ class Pool(metaclass=_NoPublicConstructor):
         connection as a new one."""
         reset = self._options.reset
         if callable(reset):
-            task = trio.lowlevel.current_task()
-            session = Session(self._reporter, self.limits, actor, conn, actor.generation, task,
-                              _HOOK_SETTINGS)
-            handle = Connection(session)
-            try:
-                await reset(handle)
-            finally:
-                handle._closed = True
-            if session.interrupted or session.broken or conn.status() != "idle":
-                raise PoolError(
-                    "the reset= function left the connection busy or in a transaction",
-                    pool=self.name,
-                )
+            await self._run_hook("the reset= function", reset, actor, conn)
             return
         driver_reset = getattr(conn, "reset_session", None)
         if driver_reset is not None:
