@@ -1,7 +1,11 @@
 """pytest configuration shared by every test under tests/.
 
-Fixtures shared by several test modules belong here; none is shared yet (a fixture used by one
-module stays in it, and the PostgreSQL suite has its own in ``tests/postgres/conftest.py``).
+Fixtures shared by several test modules belong here (a fixture used by one module stays in it):
+the real-server fixtures of the PostgreSQL suite (``tests/postgres/``) and the fault matrix
+(``tests/faults/``). They are thin wrappers over the pytest plugin's session-scoped
+``postgres_server`` (:mod:`supervisor.testing.plugin`): ``--postgres-dsn`` or
+``TCS_POSTGRES_DSN`` names an existing server, else a throwaway cluster
+(:mod:`supervisor.testing.cluster`) is started once, the first time a test asks for it.
 
 Helper *functions* do not live here: a ``conftest.py`` is loaded by pytest, not meant to be
 imported by name (its module name depends on the layout and the import mode). They live in
@@ -19,7 +23,23 @@ plain modules next to this file and are imported by name:
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg
 import pytest
+from postgres.cluster import ServerInfo
+
+from supervisor.testing.cluster import (
+    DSN_ENV,
+    INSTALL_HINT,
+    PostgresAdmin,
+    PostgresCluster,
+    PostgresServer,
+    find_bindir,
+    throwaway_cluster,
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -31,3 +51,55 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=1.0,
         help="minutes the fault soak (tests/faults/test_soak.py) runs; default 1",
     )
+
+
+@pytest.fixture(scope="session")
+def pg_server(postgres_server: PostgresServer) -> ServerInfo:
+    """The server the suite talks to (the plugin's ``postgres_server``)."""
+    return ServerInfo.of(postgres_server)
+
+
+@pytest.fixture
+def pg_dsn(pg_server: ServerInfo) -> str:
+    """DSN of the password-authenticated test role."""
+    return pg_server.dsn
+
+
+@pytest.fixture
+def pg_admin(pg_server: ServerInfo) -> Iterator[PostgresAdmin]:
+    """A separate plain psycopg connection for pg_stat_activity / pg_terminate_backend."""
+    with PostgresAdmin(pg_server.admin_dsn) as admin:
+        yield admin
+
+
+@pytest.fixture
+def pg_private_cluster(request: pytest.FixtureRequest) -> Iterator[PostgresCluster]:
+    """A dedicated cluster for one test that stops and restarts the server.
+
+    Needs the server binaries (skipped only when an existing server is used instead of them).
+    """
+    bindir = find_bindir()
+    if bindir is None:
+        if request.config.getoption("tcs_postgres_dsn") or os.environ.get(DSN_ENV):
+            pytest.skip("needs local server binaries to stop and restart a server")
+        pytest.fail(INSTALL_HINT, pytrace=False)
+    with throwaway_cluster(bindir) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def make_table(pg_dsn: str) -> Iterator[Callable[[str], str]]:
+    """Create uniquely named tables (dropped at teardown): ``make_table("id int primary key")``."""
+    names: list[str] = []
+
+    def make(columns: str) -> str:
+        name = f"tcs_t_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(pg_dsn, autocommit=True) as c:
+            c.execute(f"create table {name} ({columns})")
+        names.append(name)
+        return name
+
+    yield make
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        for name in names:
+            c.execute(f"drop table if exists {name}")

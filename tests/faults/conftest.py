@@ -1,13 +1,24 @@
-"""The fault matrix and the soak run on the suite's PostgreSQL server (tests/postgres/conftest.py);
-``server`` gives its address for the chaos proxy to stand in front of."""
+"""The fault matrix and the soak run on the suite's PostgreSQL server (the ``pg_*`` fixtures of
+``tests/conftest.py``); ``server`` gives its address for the chaos proxy to stand in front of.
+Every test here needs the server and gets the ``postgresql`` marker."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
+
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test in tests/faults/ gets the ``postgresql`` marker."""
+    for item in items:
+        if _HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.postgresql)
 
 
 @dataclass(frozen=True)
