@@ -65,6 +65,13 @@ class ActorGaveUp(Exception):
     decides (restart with backoff, or fail the pool when the restart intensity is exceeded)."""
 
 
+class ActorCrashed(Exception):
+    """The driver raised an unexpected exception during a holder's call (a bug, not a lost
+    connection or a database error): the actor closes the connection and ends with this, so
+    its supervisor restarts it with backoff and counts the crash against the restart intensity.
+    The driver's exception is the ``__cause__``."""
+
+
 class ActorMisconfigured(Exception):
     """The driver said the connect options can never work (:class:`~actors.driver.Misconfigured`):
     the actor exits at once, without backoff, and its supervisor fails the pool (no restart)."""
@@ -461,6 +468,14 @@ class Actor:
         if self.exiting:
             self._why = "the pool shrank (resize)"
             return "exit"
+        if lease.crashed is not None:
+            exc = lease.crashed
+            self._why, self._why_error = "the driver raised an unexpected exception", exc
+            text = self.host.scrub(f"{type(exc).__name__}: {exc}")
+            raise ActorCrashed(
+                f"pool {self.host.name!r}: connection #{self.index}: the driver raised an "
+                f"unexpected exception during a call ({text})"
+            ) from exc
         if lease.broken or lease.revoked is not None or self.retiring or self._due():
             self._why = "lost" if lease.broken else "replaced (max_lifetime or disconnect_all)"
             return "reconnect"

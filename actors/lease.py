@@ -11,7 +11,9 @@ Rules:
   but the driver protocol and Trio.
 * The flags only ever go from "clean" to "dirty" during a lease: ``interrupted`` (a call was
   cancelled or timed out midway: protocol state unknown), ``broken`` (the driver said the
-  connection is dead), ``killed`` (``Connection.kill()``), ``revoked`` (the actor took the
+  connection is dead), ``crashed`` (the driver raised an exception it has no business raising,
+  a bug: the connection is dead and its actor crashes, for the supervisor to restart and count
+  against the restart intensity), ``killed`` (``Connection.kill()``), ``revoked`` (the actor took the
   connection back: hold deadline, kill, shutdown; the reason is the message later calls raise),
   ``left_state`` (the holder may have changed session state: the actor resets the session
   before anyone else gets the connection).
@@ -69,6 +71,7 @@ class Lease:
         "actor",
         "broken",
         "conn",
+        "crashed",
         "generation",
         "hold_deadline",
         "interrupted",
@@ -88,6 +91,7 @@ class Lease:
         self.killed = False
         self.interrupted = False
         self.broken = False
+        self.crashed: Exception | None = None  # the driver's unexpected exception (implies broken)
         self.left_state = False  # may have changed session state: reset before the next lease
         self.op_task: trio.lowlevel.Task | None = None
         self.op_scope: trio.CancelScope | None = None

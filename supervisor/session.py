@@ -12,8 +12,10 @@ Every database call of a handle goes through :meth:`Session.call`, which is wher
   caught the cancellation and goes on, the next call recovers first, bounded);
 * driver errors are translated in one place: ``actors.driver.DatabaseError`` becomes
   ``QueryError`` (``IntegrityError``, ``SerializationFailure``), ``actors.driver.ConnectionLost``
-  becomes ``supervisor.ConnectionLost``, a refused argument ``ConfigError``; every message names
-  the pool and is scrubbed of secrets.
+  becomes ``supervisor.ConnectionLost``, a refused argument ``ConfigError``; any other exception
+  from the driver is a driver crash: ``ConnectionLost`` for the client, and the connection's
+  actor crashes (supervisor restart, restart intensity); every message names the pool and is
+  scrubbed of secrets.
 
 A session knows nothing of pools: it gets the pool's :class:`~supervisor.reporter.Reporter` and
 :class:`~supervisor.limits.SafetyLimits`, and talks to its actor through the lease's owner
@@ -271,22 +273,25 @@ class Session(Lease):
             raise error from (exc.__cause__ or exc)
         except (ValueError, TypeError) as exc:
             if self.conn.status() == "unknown":
-                error = exc
-                self.broken = True
-                self.fail_all(f"{name} failed unexpectedly")
-                raise
+                error, cause = self._crash(name, exc)
+                raise error from cause
             # Refused before any I/O (a bad isolation level, mode or parameter): the
             # connection is untouched and stays usable.
             hint = placeholder_hint(query, getattr(self.conn, "paramstyle", None))
             error = ConfigError(rep.scrub(f"{name} refused its arguments: {exc}{hint}"),
                                 pool=rep.name)
             raise error from exc
-        except BaseException as exc:
+        except PoolError as exc:
             error = exc
-            if not isinstance(exc, PoolError):
-                # Unknown failure inside the driver: protocol state unknown, replace the connection.
-                self.broken = True
-                self.fail_all(f"{name} failed unexpectedly")
+            raise
+        except Exception as exc:
+            error, cause = self._crash(name, exc)
+            raise error from cause
+        except BaseException as exc:
+            # KeyboardInterrupt and the like, in the middle of a call: protocol state unknown.
+            error = exc
+            self.broken = True
+            self.fail_all(f"{name} was interrupted")
             raise
         finally:
             self.op_finished()
@@ -304,6 +309,25 @@ class Session(Lease):
                         error=rep.safe_error(error),
                     ),
                 )
+
+    def _crash(self, name: str, exc: Exception) -> tuple[ConnectionLost, Exception | None]:
+        """The driver raised what no driver may raise (a bug in it, or in the code under it):
+        the protocol state is unknown, so the connection is dead; the actor crashes when the
+        lease comes back, and the supervisor restarts it with backoff and counts the crash
+        against the restart intensity (a driver that keeps failing fails the pool with one
+        error instead of looping). The client gets ``ConnectionLost``, the driver's exception
+        as its ``__cause__`` (unless its text held a secret)."""
+        self.broken = True
+        if self.crashed is None:
+            self.crashed = exc
+        self.fail_all(f"{name} failed unexpectedly")
+        raw = f"{type(exc).__name__}: {exc}"
+        text = self.reporter.scrub(raw)
+        error = self._lost(
+            f"the driver raised an unexpected exception during {name} ({text}); the "
+            f"connection is closed and connection #{self.actor.index}'s actor restarted"
+        )
+        return error, (exc if text == raw else None)  # a cause that held a secret: not chained
 
     async def recover_inline(self) -> None:
         """The client caught a cancellation (or a query timeout) and goes on using the lease:

@@ -312,3 +312,55 @@ async def test_the_waiter_shed_as_the_database_comes_back_is_told_no_connection_
         assert "no connection could be made while it waited" in text
         assert "connection refused" in text
         assert "overloaded" not in text
+
+
+async def test_an_unexpected_driver_exception_is_connection_lost_and_an_actor_crash(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    driver = ScriptedDriver()
+    bug = KeyError("a driver bug")
+    driver.script("execute", bug)
+    entries: list[LogEntry] = []
+    async with open_pool(driver, size=1, name="buggy", log=entries.append) as pool:
+        with pytest.raises(ConnectionLost) as info:
+            async with pool.transaction() as tx:
+                await tx.execute("insert into t values (1)")
+        text = str(info.value)
+        assert text.startswith("pool 'buggy': the driver raised an unexpected exception during")
+        assert "KeyError: 'a driver bug'" in text and "connection #0" in text
+        assert info.value.__cause__ is bug
+        await pool.wait()
+        assert await pool.execute("works after the restart") == 0
+        stats = pool.statistics()
+        assert (stats.restarts, stats.connects, stats.size) == (1, 2, 1)
+    # the actor closed the dead connection, crashed, and was restarted on a fresh one
+    assert driver.ops() == [
+        "connect", "begin", "execute", "close", "connect", "execute", "close",
+    ]
+    crash = next(e for e in entries if e.call == "crash")
+    assert isinstance(crash.error, Exception) and "a driver bug" in str(crash.error)
+
+
+async def test_a_driver_that_keeps_crashing_fails_the_pool_once_restart_intensity_is_exceeded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    driver = ScriptedDriver()
+    driver.script("fetch", *[RuntimeError("always broken")] * 10)
+    with pytest.raises(PoolClosed, match=r"max_restarts=2.*RuntimeError: always broken"):
+        async with open_pool(driver, size=1, max_restarts=2, restart_window=60,
+                             queue_target=10) as pool:
+            for _ in range(10):
+                with pytest.raises(ConnectionLost, match="always broken"):
+                    async with pool.run() as conn:
+                        await conn.fetch_all("select 1")
+
+
+async def test_a_secret_in_an_unexpected_driver_exception_is_scrubbed_and_not_chained() -> None:
+    driver = ScriptedDriver(options={"password": "hunter2"})
+    driver.script("fetch", RuntimeError("bad state for password hunter2"))
+    async with open_pool(driver, size=1) as pool:
+        async with pool.run() as conn:
+            with pytest.raises(ConnectionLost) as info:
+                await conn.fetch_all("select 1")
+    assert "hunter2" not in str(info.value) and "RuntimeError" in str(info.value)
+    assert info.value.__cause__ is None

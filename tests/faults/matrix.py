@@ -15,6 +15,10 @@ The invariants (:func:`check`), the same in every row:
 * the counter equals the number of ledger rows (nothing half-applied);
 * the pool returns to full size with every connection idle;
 * no backend of the pool is left idle in transaction.
+
+Besides, :func:`check` prints how long the clients were cut off (:meth:`Outcomes.outage`: from
+the first error a client saw to the first commit after the last one) and the slowest
+transaction, the recovery columns of the testing guide's table.
 """
 
 from __future__ import annotations
@@ -41,10 +45,34 @@ class Outcomes:
     failed: set[int] = field(default_factory=set)
     uncertain: set[int] = field(default_factory=set)
     errors: dict[str, int] = field(default_factory=dict)
+    error_times: list[float] = field(default_factory=list)
+    commit_times: list[float] = field(default_factory=list)
+    slowest: float = 0.0  # the longest any transaction took, whatever its outcome
 
     def note(self, exc: BaseException) -> None:
         name = type(exc).__name__
         self.errors[name] = self.errors.get(name, 0) + 1
+        self.error_times.append(trio.current_time())
+
+    def merge(self, earlier: Outcomes) -> None:
+        """Add what the clients of an earlier phase of the same row were told."""
+        self.committed |= earlier.committed
+        self.failed |= earlier.failed
+        self.uncertain |= earlier.uncertain
+        for name, n in earlier.errors.items():
+            self.errors[name] = self.errors.get(name, 0) + n
+        self.error_times += earlier.error_times
+        self.commit_times += earlier.commit_times
+        self.slowest = max(self.slowest, earlier.slowest)
+
+    def outage(self) -> float | None:
+        """How long the clients were cut off: from the first error a client saw to the first
+        commit after the last one (None: no client saw an error, or none committed after)."""
+        if not self.error_times:
+            return None
+        last = max(self.error_times)
+        after = [t for t in self.commit_times if t >= last]
+        return min(after) - min(self.error_times) if after else None
 
 
 def make_tables(dsn: str) -> str:
@@ -60,12 +88,14 @@ def make_tables(dsn: str) -> str:
 async def transfer(pool: Pool, table: str, tid: int, client: int, out: Outcomes) -> None:
     """One transaction of the load, with its outcome recorded."""
     committing = False
+    start = trio.current_time()
     try:
         async with pool.transaction() as tx:
             await tx.execute(f"insert into {table}_ledger values (%s, %s)", (tid, client))
             await tx.execute(f"update {table}_count set n = n + 1")
             committing = True  # the block's end sends COMMIT
         out.committed.add(tid)
+        out.commit_times.append(trio.current_time())
     except ConnectionLost as exc:
         out.note(exc)
         (out.uncertain if committing else out.failed).add(tid)
@@ -76,6 +106,8 @@ async def transfer(pool: Pool, table: str, tid: int, client: int, out: Outcomes)
         out.note(exc)
         (out.uncertain if committing else out.failed).add(tid)
         raise
+    finally:
+        out.slowest = max(out.slowest, trio.current_time() - start)
 
 
 async def load(
@@ -136,8 +168,14 @@ async def check(
             (table,),
         ).fetchone()
     assert stuck is not None and stuck[0] == 0, "a session was left idle in transaction"
-    print(f"[matrix] {table}: recovered to full size {recovered * 1000:.0f} ms after the load;"
-          f" clients saw {dict(sorted(out.errors.items()))}")
+    outage = out.outage()
+    cut = "n/a" if outage is None else f"{outage * 1000:.0f} ms"
+    print(f"[matrix] {table}: clients cut off for {cut} (first error to the first commit after"
+          f" the last); slowest transaction {out.slowest * 1000:.0f} ms;"
+          f" full size {recovered * 1000:.0f} ms after the load;"
+          f" clients saw {dict(sorted(out.errors.items()))}; the pool made"
+          f" {stats.connects} connects, {stats.transaction_restarts} transaction restarts,"
+          f" {stats.restarts} actor restarts")
     return recovered
 
 

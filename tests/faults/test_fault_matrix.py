@@ -2,12 +2,14 @@
 fault is on the network), each checked with the same invariants (:mod:`matrix`).
 
 Rows here: connect refused, authentication failure, connect hangs, after_connect raises and
-hangs, ping fails, backend terminated while idle / busy / in a transaction, the COMMIT reply
-lost after it committed, server restart under load, reset storm, blackhole under load (bytes
-held, then the links cut), latency spike, bandwidth collapse, sliced packets, client cancelled
-mid-transaction, client raises inside run and transaction, lease held past hold_timeout, driver
-raises an unexpected exception (actor crash, restart), restart intensity exceeded, overload at
-twice capacity.
+hangs, ping fails, backend terminated while idle / busy / in a transaction / during COMMIT (a
+real ``pg_terminate_backend`` while the server runs COMMIT), the COMMIT reply lost after it
+committed, server restart under load, reset storm, blackhole under load (bytes held, then the
+links cut), latency spike, bandwidth collapse, sliced packets, client cancelled
+mid-transaction (random deadlines; every await point, one by one, is in
+``test_cancel_points.py``), client raises inside run and transaction, lease held past
+hold_timeout, the driver raises an unexpected exception (``ConnectionLost`` for the client, an
+actor crash, a supervisor restart), restart intensity exceeded, overload at twice capacity.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ async def test_row_connect_refused_then_the_server_comes_back(
             proxy.up()
             await pool.wait(timeout=10)
             out2 = await load(pool, table, clients=2, count=5)
-            out2.failed |= out.failed
+            out2.merge(out)
             await check(dsn, pool, table, out2)
 
 
@@ -167,7 +169,7 @@ async def test_row_backend_terminated(dsn: str, when: str) -> None:
                 nursery.start_soon(victim)
             assert out.failed == {999}
             more = await load(pool, table, clients=2, count=5)
-            more.failed |= out.failed
+            more.merge(out)
             out = more
         await check(dsn, pool, table, out)
 
@@ -307,6 +309,54 @@ async def test_row_ping_fails_on_an_idle_connection(dsn: str) -> None:
         await check(dsn, pool, table, out)
 
 
+async def test_row_backend_terminated_during_commit(dsn: str) -> None:
+    """A real ``pg_terminate_backend`` while the server runs COMMIT: a deferred constraint
+    trigger makes COMMIT take 0.5 s on the server (it runs before the commit record is
+    written), and the backend is terminated while pg_stat_activity shows it in COMMIT. The
+    client is told ``ConnectionLost`` (outcome unknown to it), and nothing is visible."""
+    table = make_tables(dsn)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(f"create function {table}_slow() returns trigger language plpgsql as"
+                  " $$ begin perform pg_sleep(0.5); return null; end $$")
+        c.execute(f"create constraint trigger {table}_slow after insert on {table}_ledger"
+                  " deferrable initially deferred for each row"
+                  f" execute function {table}_slow()")
+
+    def in_commit() -> list[int]:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            rows = c.execute(
+                "select pid from pg_stat_activity where application_name = %s"
+                " and state = 'active' and lower(query) like 'commit%%'", (table,)
+            ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    async with open_pool(target(dsn, table), size=2, backoff=FAST, limits=LIMITS) as pool:
+        await pool.wait()
+        out = Outcomes()
+        victims: list[int] = []
+
+        async def killer() -> None:
+            with trio.fail_after(5):
+                while not victims:  # polls the server's view, bounded by the deadline
+                    victims.extend(await trio.to_thread.run_sync(in_commit))
+                    await trio.sleep(0.01)
+            _terminate(dsn, victims)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(killer)
+                await transfer(pool, table, 7, 0, out)
+        assert len(victims) == 1
+        assert out.uncertain == {7} and out.errors == {"ConnectionLost": 1}
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(f"drop trigger {table}_slow on {table}_ledger")
+            gone = c.execute(f"select count(*) from {table}_ledger").fetchone()
+        assert gone == (0,)  # terminated before the commit record: rolled back
+        more = await load(pool, table, clients=2, count=5)
+        more.merge(out)
+        await check(dsn, pool, table, more)
+
+
 async def test_row_commit_reply_lost_after_it_committed(dsn: str) -> None:
     table = make_tables(dsn)
     from actors.faults import Fault, FaultDriver, FaultPlan
@@ -325,20 +375,25 @@ async def test_row_driver_raises_an_unexpected_exception_and_the_actor_restarts(
     dsn: str,
 ) -> None:
     table = make_tables(dsn)
-    crashes = 0
+    from actors.faults import FaultDriver
+    from actors.psycopg import PsycopgDriver
 
-    def configure(options: Any, index: int) -> Any:
-        nonlocal crashes
-        if crashes < 2 and index == 1:
-            crashes += 1
-            raise RuntimeError("a driver bug")
-        return options
-
-    async with open_pool(target(dsn, table), size=2, backoff=FAST, limits=LIMITS,
-                         configure=configure) as pool:
-        out = await load(pool, table, clients=2, count=5)
+    faults = FaultDriver(PsycopgDriver(target(dsn, table)))
+    entries: list[Any] = []
+    async with open_pool(faults, size=2, backoff=FAST, limits=LIMITS,
+                         log=entries.append) as pool:
+        await pool.wait()
+        # a bug in the driver, mid-transaction (after the INSERT ran) and at COMMIT
+        faults.fail_next("execute", RuntimeError("a driver bug in execute"))
+        faults.fail_next("commit", KeyError("a driver bug in commit"))
+        out = await load(pool, table, clients=2, count=10)
+        assert faults.count("forced") == 2
         await check(dsn, pool, table, out)
-        assert pool.statistics().restarts == 2
+        stats = pool.statistics()
+    assert out.errors == {"ConnectionLost": 2}  # the clients were told, as ConnectionLost
+    assert stats.restarts == 2  # each crash was the actor's: restarted by the supervisor
+    crashes = [str(e.error) for e in entries if e.call == "crash"]
+    assert len(crashes) == 2 and "a driver bug in execute" in crashes[0] + crashes[1]
 
 
 async def test_row_restart_intensity_exceeded_fails_the_pool_with_one_error(dsn: str) -> None:
