@@ -13,10 +13,10 @@ Rules:
   cancelled or timed out midway: protocol state unknown), ``broken`` (the driver said the
   connection is dead), ``crashed`` (the driver raised an exception it has no business raising,
   a bug: the connection is dead and its actor crashes, for the supervisor to restart and count
-  against the restart intensity), ``killed`` (``Connection.kill()``), ``revoked`` (the actor took the
-  connection back: hold deadline, kill, shutdown; the reason is the message later calls raise),
-  ``left_state`` (the holder may have changed session state: the actor resets the session
-  before anyone else gets the connection).
+  against the restart intensity), ``killed`` (``Connection.kill()``), ``revoked`` (the actor
+  took the connection back: hold deadline, kill, shutdown; the reason is the message later
+  calls raise), ``left_state`` (the holder may have changed session state: the actor resets the
+  session before anyone else gets the connection).
 * ``op_task`` / ``op_scope`` are set by the holder around each driver call and cleared by
   :meth:`Lease.op_finished`; the actor reads them to know whether a call is in flight.
 """

@@ -21,14 +21,17 @@ RESET_SQL = "DISCARD ALL"
 _STARTS = re.compile(
     r"(?:^|;)\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*"
     r"(?:set\s+(?!local\b|transaction\b|constraints\b)|reset\b|listen\b|unlisten\b|prepare\b|"
-    r"deallocate\b|declare\b[^;]*\bwith\s+hold\b|create\s+(?:(?:global|local)\s+)?temp(?:orary)?\b|"
+    r"deallocate\b|declare\b[^;]*\bwith\s+hold\b|"
+    r"create\s+(?:or\s+replace\s+)?(?:(?:global|local)\s+)?temp(?:orary)?\b|"
+    r"select\b[^;]*\binto\s+(?:(?:global|local)\s+)?temp(?:orary)?\b|"
     r"create\s+(?:unlogged\s+)?table\b[^;]*\bon\s+commit\b|load\b|discard\b|do\b|"
     r"select\s+[^;]*\bset_config\s*\()",
     re.IGNORECASE | re.DOTALL,
 )
 # Anywhere in the text: session-level calls (the _xact_ variants end with the transaction).
 _ANYWHERE = re.compile(
-    r"\bset_config\s*\(|\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(|\bdblink_connect\b",
+    r"\bset_config\s*\(|\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(|\bdblink_connect\b|"
+    r"\bpg_temp(?:_\d+)?\s*\.",  # an object in the session's temporary schema
     re.IGNORECASE,
 )
 _QUICK = re.compile(

@@ -311,11 +311,6 @@ def test_forget_prepared_is_part_of_the_seam() -> None:
 
 # -- what reset="auto" counts as dirty (a text scan, no I/O) ------------------------------------
 
-_MISSED = pytest.mark.xfail(
-    strict=True, reason="actors.pgsql does not see this temporary table yet (reported)"
-)
-
-
 @pytest.mark.parametrize(
     ("query", "dirty"),
     [
@@ -348,9 +343,14 @@ _MISSED = pytest.mark.xfail(
         ("select pg_advisory_lock(1)", True),
         ("select pg_try_advisory_lock(1)", True),
         ("select pg_advisory_lock_shared(1)", True),
-        pytest.param("create or replace temp view v as select 1", True, marks=_MISSED),
-        pytest.param("select 1 as x into temp table t", True, marks=_MISSED),
-        pytest.param("create table pg_temp.t (x int)", True, marks=_MISSED),
+        ("create or replace temp view v as select 1", True),
+        ("select 1 as x into temp table t", True),
+        ("SELECT * INTO TEMPORARY t FROM u", True),
+        ("select 1 as x into local temp t", True),
+        ("create table pg_temp.t (x int)", True),
+        ("create view pg_temp_3.v as select 1", True),
+        ("select x into tempest from t", False),
+        ("select temp_col from t", False),
     ],
 )
 def test_leaves_session_state_flags_exactly_the_statements_that_change_the_session(
