@@ -16,12 +16,14 @@ Three kinds of failure matter to the pool and are told apart by type:
   work (an invalid port number or ``sslmode``, an unknown option, a database file whose
   directory does not exist). Retrying cannot help: the pool fails at once with the reason.
 
-Any other exception escaping a driver call is treated as a driver bug: the connection is
-considered broken and replaced.
+Any other exception escaping a driver call is treated as a driver bug: the client gets the
+pool's ``ConnectionLost`` (the exception as its cause), the connection is closed, and its actor
+crashes, for the supervisor to restart and count against the restart intensity.
 
 Checkpoint rule: every ``async`` method is a Trio checkpoint (it checks for cancellation and
 yields to the scheduler), as every async function in Trio is; the pool relies on it and does not
-add its own scheduling point before a driver call.
+add its own scheduling point before a driver call. The check comes first: a caller whose scope
+is already cancelled gets ``Cancelled`` before anything is sent to the database.
 
 Cancellation rule: a Trio cancellation may interrupt any ``await`` of a client-side call. The
 driver must let the cancelled caller go at once (no blocking cleanup in the caller's task); the

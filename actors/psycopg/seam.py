@@ -207,8 +207,11 @@ async def _drive(gen: PQGen[_RV], fd: int) -> _RV:
 
     A close of the connection by another task (:func:`trio.lowlevel.notify_closing`) or a
     socket error becomes :class:`psycopg.OperationalError` (no SQLSTATE: connection lost).
-    Cancellation propagates at once, leaving the generator (and the connection) mid-protocol.
+    Cancellation propagates at once, leaving the generator (and the connection) mid-protocol;
+    a caller already cancelled gets ``Cancelled`` before anything is sent (the generator's
+    first step writes the query to the socket, before any Trio wait could check).
     """
+    await trio.lowlevel.checkpoint_if_cancelled()
     try:
         wait = next(gen)
         while True:
