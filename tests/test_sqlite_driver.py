@@ -782,3 +782,22 @@ async def test_shared_memory_busy_is_serialization() -> None:
     assert await b.execute("INSERT INTO m VALUES (1)") == 1
     await a.close()
     await b.close()
+
+
+@pytest.mark.parametrize("call", ["execute", "fetch", "begin", "ping"])
+async def test_a_call_in_an_already_cancelled_scope_sends_nothing(
+    conn: SqliteConnection, call: str
+) -> None:
+    # The driver protocol's checkpoint rule (actors/driver.py): Cancelled before any work.
+    calls = {
+        "execute": lambda: conn.execute("insert into t values (1, 'a')"),
+        "fetch": lambda: conn.fetch("insert into t values (2, 'b') returning id"),
+        "begin": lambda: conn.begin(TX),
+        "ping": lambda: conn.ping(),
+    }
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await calls[call]()
+    assert scope.cancelled_caught
+    assert conn.status() == "idle"
+    assert await conn.fetch("select count(*) from t") == [(0,)]
