@@ -509,9 +509,12 @@ class Workload:
             elif action == "break_all":
                 self.faults.break_all()  # like a database server restart
             elif action == "driver_bug":
-                # An unexpected exception in a driver call an actor makes while it recovers a
-                # connection: the actor closes that connection and connects a new one.
-                self.faults.fail_next("reset", RuntimeError("injected driver bug"))
+                # An unexpected exception in a driver call: in a client's call (the client gets
+                # ConnectionLost; the connection's actor crashes and the supervisor restarts
+                # it), or in one an actor makes while it recovers a connection (it connects a
+                # new one).
+                op = rng.choice(("execute", "reset"))
+                self.faults.fail_next(op, RuntimeError(f"injected driver bug in {op}"))
 
 
 class CrashingConfigure:

@@ -25,9 +25,10 @@ Faults (``--faults some`` / ``heavy``): random driver errors and lost connection
 cancelled after a random short deadline, ``kill()`` of a client's own connection
 mid-transaction, leases revoked by ``hold_timeout`` under slow clients, ``pool.disconnect_all()``,
 simulated server restarts (``FaultDriver.break_all()``) and, when heavy, failing connects and
-pings, slow statements, driver bugs (an unexpected exception while an actor recovers a
-connection: the connection is replaced) and actor crashes (the pool's ``configure`` hook fails
-on every 8th connect: the supervisor restarts the actor, counted as ``restarts``).
+pings, slow statements, driver bugs (an unexpected exception in a client's call: the client
+gets ``ConnectionLost`` and the actor crashes; or while an actor recovers a connection: the
+connection is replaced) and actor crashes (the pool's ``configure`` hook fails on every 8th
+connect). The supervisor restarts a crashed actor, counted as ``restarts``.
 
 The integrity check reads the database with a fresh, fault-free pool. It does not trust the
 clients: a client cancelled mid-COMMIT, or whose COMMIT reply was lost, cannot know whether its
