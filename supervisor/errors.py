@@ -71,7 +71,8 @@ class ConnectionLost(PoolError, _driver.ConnectionLost):
 
 class TransactionFailed(PoolError):
     """The transaction was marked failed (a nested block raised or rolled back, or the database
-    put it in an error state); it can only be rolled back, and nothing of it was committed."""
+    put it in an error state); it can only be rolled back, and nothing of it was committed.
+    When the transaction's connection is gone, :class:`ConnectionLost` is raised instead."""
 
 
 class QueryError(PoolError):

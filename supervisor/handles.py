@@ -31,7 +31,6 @@ from supervisor.errors import (
     ConnectionLost,
     PoolError,
     Rollback,
-    TransactionFailed,
 )
 from supervisor.lender import Lender
 from supervisor.rows import RowFactory, RowMaker, tuple_row
@@ -614,9 +613,8 @@ class TransactionBlock:
                 current = session.scopes[-1]
                 if current.failed:
                     await trio.lowlevel.checkpoint()
-                    raise TransactionFailed(
-                        f"cannot open a nested block: the transaction is failed ({current.reason})",
-                        pool=session.reporter.name,
+                    raise session.failed_error(
+                        f"cannot open a nested block: the transaction is failed ({current.reason})"
                     )
                 if self._savepoint or sandboxed:  # in a sandbox, every block is a savepoint
                     session.savepoints += 1
@@ -737,9 +735,8 @@ class TransactionBlock:
         if own_rollback:
             return True
         if exc is None:
-            raise TransactionFailed(
-                f"savepoint block rolled back: {scope.reason or 'the database reported an error'}",
-                pool=session.reporter.name,
+            raise session.failed_error(
+                f"savepoint block rolled back: {scope.reason or 'the database reported an error'}"
             )
         return False
 
@@ -779,10 +776,7 @@ class TransactionBlock:
             return True
         if exc is None:
             reason = scope.reason or f"the database reported the transaction as {status!r}"
-            raise TransactionFailed(
-                f"transaction rolled back, nothing was committed: {reason}",
-                pool=session.reporter.name,
-            )
+            raise session.failed_error(f"transaction rolled back, nothing was committed: {reason}")
         return False
 
 

@@ -175,6 +175,14 @@ class Session(Lease):
                 pool=self.reporter.name,
             )
 
+    def failed_error(self, text: str) -> PoolError:
+        """What using a failed transaction raises: ``ConnectionLost`` when its connection is gone
+        (the truth, whatever call finds it, and what retry loops retry), else
+        ``TransactionFailed``."""
+        if self.broken or self.revoked is not None:
+            return self._lost(text)
+        return TransactionFailed(text, pool=self.reporter.name)
+
     def fail_all(self, reason: str) -> None:
         for scope in self.scopes:
             scope.fail(reason)
@@ -210,10 +218,9 @@ class Session(Lease):
                 self.left_state = self.conn.leaves_session_state(query)  # type: ignore[attr-defined]
         if check_failed and self.scopes and self.scopes[-1].failed:
             await trio.lowlevel.checkpoint()
-            raise TransactionFailed(
+            raise self.failed_error(
                 f"transaction is failed ({self.scopes[-1].reason}); it can only be rolled back; "
-                f"refusing to run {name}" + (f": {short(query)}" if query else ""),
-                pool=self.reporter.name,
+                f"refusing to run {name}" + (f": {short(query)}" if query else "")
             )
         rep = self.reporter
         self.op_task = trio.lowlevel.current_task()

@@ -642,3 +642,41 @@ async def test_a_loss_at_begin_inside_a_held_connection_is_not_restarted() -> No
                 async with conn.transaction():
                     pass  # pragma: no cover
         assert pool.statistics().transaction_restarts == 0
+
+
+async def test_a_savepoint_rollback_meeting_a_lost_connection_surfaces_as_connection_lost() -> None:
+    # The demo's fee block: its own rollback() sends ROLLBACK TO, which finds the connection
+    # gone. The block ends (its rollback is moot: the whole transaction is gone), and what comes
+    # next says ConnectionLost, the same exception as every other loss, not TransactionFailed.
+    driver = ScriptedDriver()
+    driver.script("rollback_to", DriverLost("server closed the connection"))
+    async with open_pool(driver, size=1, name="sp") as pool:
+        with pytest.raises(ConnectionLost) as info:
+            async with pool.transaction() as tx:
+                async with tx.transaction(savepoint=True) as fee:
+                    await fee.execute("update a")
+                    fee.rollback("fee waived")
+                async with tx.transaction():  # flat: opens without SQL
+                    pass  # pragma: no cover
+        assert "cannot open a nested block" in str(info.value)
+        assert "'sp'" in str(info.value)
+        assert tx.committed is False
+    assert ops(driver) == ["begin", "savepoint", "execute", "rollback_to"]
+
+
+async def test_a_body_that_swallows_a_connection_loss_still_ends_with_connection_lost() -> None:
+    driver = ScriptedDriver()
+    driver.script("execute", None, DriverLost("server closed the connection"))
+    async with open_pool(driver, size=1) as pool:
+        with pytest.raises(ConnectionLost, match="nothing was committed"):
+            async with pool.transaction() as tx:
+                await tx.execute("first")
+                try:
+                    await tx.execute("second")
+                except ConnectionLost:
+                    pass
+                with pytest.raises(ConnectionLost, match="refusing to run execute"):
+                    await tx.execute("third")
+        assert tx.committed is False
+        assert await pool.execute("on a fresh connection") == 0
+    assert ops(driver) == ["begin", "execute", "execute", "execute"]
