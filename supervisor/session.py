@@ -177,7 +177,7 @@ class Session(Lease):
 
     def failed_error(self, text: str) -> PoolError:
         """What using a failed transaction raises: ``ConnectionLost`` when its connection is gone
-        (the truth, whatever call finds it, and what retry loops retry), else
+        (the truth, whatever call finds it: one fault, one exception), else
         ``TransactionFailed``."""
         if self.broken or self.revoked is not None:
             return self._lost(text)
