@@ -469,13 +469,12 @@ class Actor:
             self._why = "the pool shrank (resize)"
             return "exit"
         if lease.crashed is not None:
-            exc = lease.crashed
-            self._why, self._why_error = "the driver raised an unexpected exception", exc
-            text = self.host.scrub(f"{type(exc).__name__}: {exc}")
+            crash = lease.crashed
+            self._why, self._why_error = "the driver raised an unexpected exception", crash.cause
             raise ActorCrashed(
                 f"pool {self.host.name!r}: connection #{self.index}: the driver raised an "
-                f"unexpected exception during a call ({text})"
-            ) from exc
+                f"unexpected exception during a call ({crash.text})"
+            ) from crash.cause
         if lease.broken or lease.revoked is not None or self.retiring or self._due():
             self._why = "lost" if lease.broken else "replaced (max_lifetime or disconnect_all)"
             return "reconnect"

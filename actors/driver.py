@@ -16,9 +16,12 @@ Three kinds of failure matter to the pool and are told apart by type:
   work (an invalid port number or ``sslmode``, an unknown option, a database file whose
   directory does not exist). Retrying cannot help: the pool fails at once with the reason.
 
-Any other exception escaping a driver call is treated as a driver bug: the client gets the
-pool's ``ConnectionLost`` (the exception as its cause), the connection is closed, and its actor
-crashes, for the supervisor to restart and count against the restart intensity.
+Any other exception escaping a driver call, with :meth:`Connection.status` ``"unknown"`` after
+it, is treated as a driver bug: the client gets the pool's ``ConnectionLost`` (the exception as
+its cause), the connection is closed, and its actor crashes, for the supervisor to restart and
+count against the restart intensity. With a known status (the driver was between messages:
+typically the caller's own parameter adapter raised) the exception is the caller's, raised as
+itself; the connection is replaced.
 
 Checkpoint rule: every ``async`` method is a Trio checkpoint (it checks for cancellation and
 yields to the scheduler), as every async function in Trio is; the pool relies on it and does not

@@ -201,6 +201,10 @@ class FaultConnection:
         self.broken = False
         """True once a lost fault struck (or :meth:`break_` / ``break_all()`` was called): every
         later call raises ConnectionLost, as on a connection whose server went away."""
+        self.corrupted = False
+        """True once a forced exception that is neither ConnectionLost nor DatabaseError struck
+        (a simulated driver bug, see :meth:`FaultDriver.fail_next`): the protocol state is
+        lost, so :meth:`status` says ``"unknown"`` from then on."""
         self.closed = False
         """True once :meth:`close` was called."""
 
@@ -252,8 +256,8 @@ class FaultConnection:
         return result
 
     def status(self) -> Status:
-        """The inner status; ``"unknown"`` once broken."""
-        return "unknown" if self.broken else self.inner.status()
+        """The inner status; ``"unknown"`` once broken or corrupted."""
+        return "unknown" if self.broken or self.corrupted else self.inner.status()
 
     async def ping(self) -> None:
         """Faultable ``ping``."""
@@ -365,7 +369,10 @@ class FaultDriver:
         """Make the next ``op`` call (on any connection) raise ``exc`` instead of running.
 
         ``exc`` defaults to ConnectionLost; a ConnectionLost also kills the connection it strikes.
-        Calls queue: ``fail_next("commit")`` twice fails the next two commits.
+        Any other exception that is not a DatabaseError (``RuntimeError``, ``KeyError``...)
+        simulates a driver bug in the middle of the protocol: the connection it strikes reports
+        status ``"unknown"`` from then on (the pool then treats it as a driver crash). Calls
+        queue: ``fail_next("commit")`` twice fails the next two commits.
         """
         _check_op(op)
         if exc is None:
@@ -404,6 +411,8 @@ class FaultDriver:
             if isinstance(exc, ConnectionLost) and conn is not None:
                 conn.broken = True
                 await conn.inner.close()
+            elif not isinstance(exc, DatabaseError) and conn is not None:
+                conn.corrupted = True  # a driver bug mid-protocol
             raise exc
         fault = self.plan.fault_for(op)
         if not fault.active:

@@ -25,13 +25,24 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
 from actors.driver import Connection
 
-__all__ = ["Lease", "LeaseOwner"]
+__all__ = ["Crash", "Lease", "LeaseOwner"]
+
+
+@dataclass(frozen=True, slots=True)
+class Crash:
+    """A driver's unexpected exception during a holder's call, as the actor reports it:
+    ``text`` (type and message, scrubbed of secrets) and ``cause`` (the exception itself, or
+    None when its chain held a secret: it is then not chained to anything)."""
+
+    text: str
+    cause: BaseException | None
 
 
 class LeaseOwner(Protocol):
@@ -91,7 +102,7 @@ class Lease:
         self.killed = False
         self.interrupted = False
         self.broken = False
-        self.crashed: Exception | None = None  # the driver's unexpected exception (implies broken)
+        self.crashed: Crash | None = None  # the driver's unexpected exception (implies broken)
         self.left_state = False  # may have changed session state: reset before the next lease
         self.op_task: trio.lowlevel.Task | None = None
         self.op_scope: trio.CancelScope | None = None

@@ -424,7 +424,7 @@ class Stream:
             await trio.lowlevel.checkpoint()
             return
         s.streams.discard(self)
-        if not s.active or s.revoked is not None:
+        if not s.active or s.revoked is not None or s.broken:  # nothing to close on a dead one
             await trio.lowlevel.checkpoint()
             return
         try:
@@ -633,6 +633,8 @@ class TransactionBlock:
                     await session.call("begin", session.conn.begin, self._options,
                                        check_failed=False)
                 except ConnectionLost:
+                    if session.crashed is not None:
+                        raise  # a driver crash is not retried: the bug would strike again
                     session = await self._restart(session)
                 self._kind = "outer"
                 self._scope = TxScope(None)
@@ -798,8 +800,8 @@ async def one_shot(
         try:
             return await method(handle)
         except ConnectionLost:
-            if attempt + 1 == attempts:
-                raise
+            if attempt + 1 == attempts or session.crashed is not None:
+                raise  # a driver crash is not retried: the bug would strike again
         finally:
             handle._closed = True
             lender.checkin(session)

@@ -149,17 +149,24 @@ class Reporter:
         """``error`` for a log entry, or, if its text (or that of any exception it chains to)
         contains a known secret, a scrubbed stand-in with no chain: a log hook that prints
         ``entry.error`` must never print a password."""
-        if error is None or not self._secrets:
+        if error is None or self.chain_is_safe(error):
             return error
+        return PoolError(self.scrub(f"{type(error).__name__}: {error}"), pool=self.name)
+
+    def chain_is_safe(self, error: BaseException) -> bool:
+        """Whether no text of ``error``, or of any exception it chains to, holds a known
+        secret (only then may it be chained to an error the user sees)."""
+        if not self._secrets:
+            return True
         seen: set[int] = set()
         exc: BaseException | None = error
         while exc is not None and id(exc) not in seen:
             seen.add(id(exc))
             text = f"{exc!s} {exc!r}"
             if any(secret and secret in text for secret in self._secrets):
-                return PoolError(self.scrub(f"{type(error).__name__}: {error}"), pool=self.name)
+                return False
             exc = exc.__cause__ or exc.__context__
-        return error
+        return True
 
     def log_params_of(self, params: Params) -> Any:
         """What the log hook may see of the parameters."""

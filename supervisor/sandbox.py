@@ -150,6 +150,11 @@ class Sandbox:
 
     def release(self, view: Session) -> None:
         """``view``'s block ended (called by the lender's checkin, in the view's task)."""
+        if view.broken:  # the one real connection is dead (or its driver crashed)
+            real = self._real
+            real.broken = True
+            if real.crashed is None:
+                real.crashed = view.crashed
         self._lock.release()
 
     async def _settle(self) -> None:
@@ -161,6 +166,11 @@ class Sandbox:
         savepoint, view = pending
         real = self._real
         conn = real.conn
+        if real.broken:
+            raise real.failed_error(
+                "the sandbox's connection was lost: its transaction, and everything done in "
+                "the sandbox, is gone"
+            )
         if view.interrupted or view.broken or view.needs_reset or view.streams:
             limits = self._lender.limits
             clean = await restore_idle(conn, interrupted=True, timeout=limits.cleanup_timeout)

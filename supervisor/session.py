@@ -34,7 +34,7 @@ import trio
 
 from actors import driver as drv
 from actors.actor import restore_idle
-from actors.lease import Lease, LeaseOwner
+from actors.lease import Crash, Lease, LeaseOwner
 from supervisor.errors import (
     ConfigError,
     ConnectionLost,
@@ -222,6 +222,13 @@ class Session(Lease):
                 f"transaction is failed ({self.scopes[-1].reason}); it can only be rolled back; "
                 f"refusing to run {name}" + (f": {short(query)}" if query else "")
             )
+        if self.broken:
+            # Lost, or the driver crashed: nothing more goes to this connection.
+            await trio.lowlevel.checkpoint()
+            raise self._lost(
+                "the connection was lost earlier in this block; refusing to run "
+                f"{name}" + (f": {short(query)}" if query else "")
+            )
         rep = self.reporter
         self.op_task = trio.lowlevel.current_task()
         started = time.perf_counter() if rep.hook is not None else 0.0
@@ -292,8 +299,16 @@ class Session(Lease):
             error = exc
             raise
         except Exception as exc:
-            error, cause = self._crash(name, exc)
-            raise error from cause
+            if self.conn.status() == "unknown":
+                error, cause = self._crash(name, exc)
+                raise error from cause
+            # The driver is between messages (idle, in a transaction): most likely the caller's
+            # own code that the driver ran, such as a parameter adapter, raised before anything
+            # was sent. It is the caller's exception; the connection is replaced all the same.
+            error = exc
+            self.broken = True
+            self.fail_all(f"{name} raised {type(exc).__name__}")
+            raise
         except BaseException as exc:
             # KeyboardInterrupt and the like, in the middle of a call: protocol state unknown.
             error = exc
@@ -318,23 +333,25 @@ class Session(Lease):
                 )
 
     def _crash(self, name: str, exc: Exception) -> tuple[ConnectionLost, Exception | None]:
-        """The driver raised what no driver may raise (a bug in it, or in the code under it):
-        the protocol state is unknown, so the connection is dead; the actor crashes when the
-        lease comes back, and the supervisor restarts it with backoff and counts the crash
-        against the restart intensity (a driver that keeps failing fails the pool with one
-        error instead of looping). The client gets ``ConnectionLost``, the driver's exception
-        as its ``__cause__`` (unless its text held a secret)."""
+        """The driver raised what no driver may raise, and left the protocol mid-message
+        (status ``"unknown"``): a bug in it, or in the code under it. The connection is dead;
+        the actor crashes when the lease comes back, and the supervisor restarts it with
+        backoff and counts the crash against the restart intensity (a driver that keeps
+        failing fails the pool with one error instead of looping). The client gets
+        ``ConnectionLost`` (never retried by the pool: the bug would strike again), the
+        driver's exception as its ``__cause__`` unless its chain held a secret."""
         self.broken = True
+        rep = self.reporter
+        safe = rep.chain_is_safe(exc)
+        text = rep.scrub(f"{type(exc).__name__}: {exc}")
         if self.crashed is None:
-            self.crashed = exc
+            self.crashed = Crash(text, exc if safe else None)
         self.fail_all(f"{name} failed unexpectedly")
-        raw = f"{type(exc).__name__}: {exc}"
-        text = self.reporter.scrub(raw)
         error = self._lost(
             f"the driver raised an unexpected exception during {name} ({text}); the "
-            f"connection is closed and connection #{self.actor.index}'s actor restarted"
+            "connection is discarded"
         )
-        return error, (exc if text == raw else None)  # a cause that held a secret: not chained
+        return error, (exc if safe else None)
 
     async def recover_inline(self) -> None:
         """The client caught a cancellation (or a query timeout) and goes on using the lease:

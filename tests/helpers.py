@@ -42,6 +42,18 @@ def hang(entered: trio.Event) -> Callable[[Call], Awaitable[Any]]:
     return step
 
 
+def driver_bug(driver: ScriptedDriver, exc: Exception) -> Callable[[Call], Awaitable[Any]]:
+    """A script step that raises ``exc`` and leaves its connection mid-protocol (status
+    ``"unknown"``), as a driver bug in the middle of a message does: a driver crash."""
+
+    async def step(call: Call) -> Any:
+        conn = next(c for c in driver.connections if c.id == call.conn)
+        conn.forced_status = "unknown"
+        raise exc
+
+    return step
+
+
 def gate_step(
     entered: trio.Event, gate: trio.Event, result: Any = None
 ) -> Callable[[Call], Awaitable[Any]]:

@@ -308,3 +308,21 @@ async def test_pool_releases_the_shared_memory_database_it_created() -> None:
             await conn.fetch("select count(*) from t")
     finally:
         await conn.close()
+
+
+async def test_a_parameter_adapter_that_raises_is_the_callers_error_and_never_fails_the_pool(
+    db_path: str,
+) -> None:
+    # sqlite3 lets an adapter's own exception through unchanged; the driver is idle (nothing
+    # was sent), so it is not a driver crash: no restart counted, however many bad calls.
+    class BadParam:
+        def __conform__(self, protocol: object) -> object:
+            raise KeyError("adapter bug")
+
+    async with open_pool(f"sqlite:///{db_path}", size=2, max_restarts=2) as pool:
+        for _ in range(12):
+            with pytest.raises(KeyError, match="adapter bug"):
+                await pool.fetch_all("select ?", (BadParam(),))
+        await pool.wait()
+        assert pool.statistics().restarts == 0
+        assert await pool.fetch_val("select 42") == 42

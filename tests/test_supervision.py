@@ -4,11 +4,12 @@ no-ExceptionGroup rule of every public context manager."""
 from __future__ import annotations
 
 import itertools
+import traceback
 
 import pytest
 import trio
 import trio.testing
-from helpers import hold_until
+from helpers import driver_bug, hold_until, ops
 
 from actors.driver import ConnectionLost as DriverLost
 from actors.scripted import Call, ScriptedDriver
@@ -319,15 +320,16 @@ async def test_an_unexpected_driver_exception_is_connection_lost_and_an_actor_cr
 ) -> None:
     driver = ScriptedDriver()
     bug = KeyError("a driver bug")
-    driver.script("execute", bug)
+    driver.script("execute", driver_bug(driver, bug))
     entries: list[LogEntry] = []
     async with open_pool(driver, size=1, name="buggy", log=entries.append) as pool:
         with pytest.raises(ConnectionLost) as info:
             async with pool.transaction() as tx:
                 await tx.execute("insert into t values (1)")
-        text = str(info.value)
-        assert text.startswith("pool 'buggy': the driver raised an unexpected exception during")
-        assert "KeyError: 'a driver bug'" in text and "connection #0" in text
+        assert str(info.value) == (
+            "pool 'buggy': the driver raised an unexpected exception during execute (KeyError: "
+            "'a driver bug'); the connection is discarded"
+        )
         assert info.value.__cause__ is bug
         await pool.wait()
         assert await pool.execute("works after the restart") == 0
@@ -345,7 +347,7 @@ async def test_a_driver_that_keeps_crashing_fails_the_pool_once_restart_intensit
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     driver = ScriptedDriver()
-    driver.script("fetch", *[RuntimeError("always broken")] * 10)
+    driver.script("fetch", *[driver_bug(driver, RuntimeError("always broken"))] * 10)
     with pytest.raises(PoolClosed, match=r"max_restarts=2.*RuntimeError: always broken"):
         async with open_pool(driver, size=1, max_restarts=2, restart_window=60,
                              queue_target=10) as pool:
@@ -355,12 +357,98 @@ async def test_a_driver_that_keeps_crashing_fails_the_pool_once_restart_intensit
                         await conn.fetch_all("select 1")
 
 
+async def test_a_driver_crash_is_not_retried_by_one_shots_or_at_begin(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    driver = ScriptedDriver()
+    driver.script("fetch", driver_bug(driver, RuntimeError("bug in fetch")))
+    driver.script("begin", driver_bug(driver, RuntimeError("bug in begin")))
+    async with open_pool(driver, size=2, queue_target=10) as pool:
+        with pytest.raises(ConnectionLost, match="bug in fetch"):
+            await pool.fetch_all("select 1")  # a read, retried once on a lost connection
+        with pytest.raises(ConnectionLost, match="bug in begin"):
+            async with pool.transaction():  # a lost BEGIN restarts on a fresh connection
+                pass  # pragma: no cover
+        await pool.wait()
+        stats = pool.statistics()
+        assert (stats.restarts, stats.transaction_restarts) == (2, 0)
+    assert ops(driver) == ["fetch", "begin"]
+
+
+async def test_after_a_driver_crash_the_handle_sends_nothing_more() -> None:
+    driver = ScriptedDriver()
+    driver.script("execute", driver_bug(driver, RuntimeError("bug")))
+    async with open_pool(driver, size=1) as pool:
+        async with pool.run() as conn:
+            with pytest.raises(ConnectionLost, match="unexpected exception"):
+                await conn.execute("update a")
+            with pytest.raises(ConnectionLost, match="refusing to run execute: update b"):
+                await conn.execute("update b")
+            async with conn.stream("select 1") as rows:
+                with pytest.raises(ConnectionLost, match="refusing to run stream"):
+                    await rows.__anext__()
+    assert ops(driver) == ["execute"]
+
+
+async def test_a_callers_exception_raised_by_the_driver_between_messages_is_its_own() -> None:
+    # A parameter adapter of the caller's, run by the driver before anything is sent: the
+    # driver is still idle. Not a crash (no restart, or a few bad calls would fail the pool):
+    # the caller gets its own exception, and the connection is replaced all the same.
+    driver = ScriptedDriver()
+    driver.script("fetch", *[KeyError("adapter bug")] * 20)
+    async with open_pool(driver, size=2, max_restarts=2) as pool:
+        for _ in range(20):
+            with pytest.raises(KeyError, match="adapter bug"):
+                await pool.fetch_all("select ?", (object(),))
+        await pool.wait()
+        stats = pool.statistics()
+        assert stats.restarts == 0 and stats.connects == 2 + 20
+        assert await pool.fetch_all("select 1") == []
+
+
 async def test_a_secret_in_an_unexpected_driver_exception_is_scrubbed_and_not_chained() -> None:
     driver = ScriptedDriver(options={"password": "hunter2"})
-    driver.script("fetch", RuntimeError("bad state for password hunter2"))
+    driver.script("fetch", driver_bug(driver, RuntimeError("bad state for password hunter2")))
     async with open_pool(driver, size=1) as pool:
         async with pool.run() as conn:
             with pytest.raises(ConnectionLost) as info:
                 await conn.fetch_all("select 1")
     assert "hunter2" not in str(info.value) and "RuntimeError" in str(info.value)
     assert info.value.__cause__ is None
+
+
+async def test_a_secret_anywhere_in_the_crash_chain_reaches_neither_client_nor_pool_failure(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    driver = ScriptedDriver(options={"password": "hunter2"})
+    inner = RuntimeError("internal state error")
+    inner.__cause__ = OSError("auth with password hunter2 failed")
+    driver.script("fetch", driver_bug(driver, inner))
+    with pytest.raises(PoolClosed) as failed:
+        async with open_pool(driver, size=1, max_restarts=0) as pool:
+            with pytest.raises(ConnectionLost) as info:
+                async with pool.run() as conn:
+                    await conn.fetch_all("select 1")
+            await trio.sleep_forever()  # cancelled when the pool fails
+    for exc in (info.value, failed.value):
+        printed = "".join(traceback.format_exception(exc))
+        assert "internal state error" in printed and "hunter2" not in printed
+
+
+async def test_a_driver_crash_in_a_sandbox_crashes_the_actor_of_its_one_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from supervisor.testing import sandbox
+
+    driver = ScriptedDriver()
+    driver.script("execute", driver_bug(driver, RuntimeError("bug")))
+    async with open_pool(driver, size=1) as pool:
+        async with sandbox(pool):
+            with pytest.raises(ConnectionLost, match="unexpected exception"):
+                await pool.execute("insert into t values (1)")
+            with pytest.raises(ConnectionLost, match="sandbox's connection was lost"):
+                await pool.execute("insert into t values (2)")
+        await pool.wait()
+        stats = pool.statistics()
+        assert (stats.restarts, stats.connects) == (1, 2)
+    assert ops(driver) == ["begin", "savepoint", "execute"]
