@@ -17,31 +17,46 @@ __all__ = ["RESET_SQL", "leaves_session_state"]
 
 RESET_SQL = "DISCARD ALL"
 
-# Statements that start a session-level change (after optional comments and whitespace).
+# Statements that start a session-level change (matched at the start of the text or after a
+# ";", on the text as it is and on the text with comments and string literals blanked out).
 _STARTS = re.compile(
-    r"(?:^|;)\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*"
+    r"(?:^|;)\s*"
     r"(?:set\s+(?!local\b|transaction\b|constraints\b)|reset\b|listen\b|unlisten\b|prepare\b|"
     r"deallocate\b|declare\b[^;]*\bwith\s+hold\b|"
-    r"create\s+(?:or\s+replace\s+)?(?:(?:global|local)\s+)?temp(?:orary)?\b|"
-    r"select\b[^;]*\binto\s+(?:(?:global|local)\s+)?temp(?:orary)?\b|"
     r"create\s+(?:unlogged\s+)?table\b[^;]*\bon\s+commit\b|load\b|discard\b|do\b|"
     r"select\s+[^;]*\bset_config\s*\()",
-    re.IGNORECASE | re.DOTALL,
+    re.IGNORECASE,
 )
-# Anywhere in the text: session-level calls (the _xact_ variants end with the transaction).
+# Anywhere in the text: session-level calls (the _xact_ variants end with the transaction) and
+# temporary objects, however the statement that makes them starts (WITH ... SELECT INTO TEMP,
+# EXPLAIN ANALYZE CREATE TEMP TABLE ... AS, an object made in the pg_temp schema).
 _ANYWHERE = re.compile(
     r"\bset_config\s*\(|\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(|\bdblink_connect\b|"
-    r"\bpg_temp(?:_\d+)?\s*\.",  # an object in the session's temporary schema
+    r"\bcreate\s+(?:or\s+replace\s+)?(?:(?:global|local)\s+)?temp(?:orary)?\b|"
+    r"\binto\s+(?:(?:global|local)\s+)?temp(?:orary)?\b|"
+    r"\bpg_temp(?:_\d+)?\"?\s*\.",
     re.IGNORECASE,
 )
 _QUICK = re.compile(
     r"set|reset|listen|prepare|deallocate|declare|temp|load|discard|\bdo\b|advisory|dblink",
     re.IGNORECASE,
 )
+# Comments and single-quoted literals, each ending at its first end (or at the end of the
+# text): one linear pass, no backtracking. Nested block comments, E'' escapes and
+# dollar-quoting are not understood; the text as it is is always checked too, so a literal
+# taken wrongly can only add a match, never hide one.
+_NOISE = re.compile(r"'(?:[^']|'')*(?:'|\Z)|--[^\n]*|/\*.*?(?:\*/|\Z)", re.DOTALL)
+
+
+def _blank(match: re.Match[str]) -> str:
+    return "''" if match.group().startswith("'") else " "
 
 
 def leaves_session_state(query: str) -> bool:
     """Whether running ``query`` may leave session state for the next lease (errs on True)."""
     if _QUICK.search(query) is None:  # the common case: a plain DML or SELECT
         return False
-    return _STARTS.search(query) is not None or _ANYWHERE.search(query) is not None
+    if _STARTS.search(query) is not None or _ANYWHERE.search(query) is not None:
+        return True
+    bare = _NOISE.sub(_blank, query)
+    return _STARTS.search(bare) is not None or _ANYWHERE.search(bare) is not None

@@ -351,6 +351,14 @@ def test_forget_prepared_is_part_of_the_seam() -> None:
         ("create view pg_temp_3.v as select 1", True),
         ("select x into tempest from t", False),
         ("select temp_col from t", False),
+        ("WITH c AS (SELECT 1 AS a) SELECT * INTO TEMP t FROM c", True),
+        ("SELECT string_agg(x, ';') AS s INTO TEMP t FROM (VALUES ('a')) v(x)", True),
+        ("EXPLAIN ANALYZE CREATE TEMP TABLE t AS SELECT 1", True),
+        ('CREATE TABLE "pg_temp".t (x int)', True),
+        ("CREATE /* why */ TEMP TABLE t (x int)", True),
+        ("select ';' as a; /* note; */ set search_path = a", True),
+        ("select 'set search_path = a'", False),
+        ("select 1 -- set search_path = a", False),
     ],
 )
 def test_leaves_session_state_flags_exactly_the_statements_that_change_the_session(
@@ -360,3 +368,25 @@ def test_leaves_session_state_flags_exactly_the_statements_that_change_the_sessi
 
     # The method reads nothing from the connection: call it unbound, without a server.
     assert PsycopgConnection.leaves_session_state(None, query) is dirty  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "WITH c AS (SELECT 1 AS a) SELECT * INTO TEMP tcs_leak FROM c",
+        "SELECT string_agg(x, ';') AS s INTO TEMP tcs_leak FROM (VALUES ('a'), ('b')) v(x)",
+        "EXPLAIN ANALYZE CREATE TEMP TABLE tcs_leak AS SELECT 1",
+        'CREATE TABLE "pg_temp".tcs_leak (x int)',
+        "CREATE /* a comment */ TEMP TABLE tcs_leak (x int)",
+    ],
+)
+async def test_a_temporary_table_made_any_way_never_reaches_the_next_lease(
+    pg_dsn: str, statement: str
+) -> None:
+    from supervisor import open_pool
+
+    async with open_pool(pg_dsn, size=1, reset="auto") as pool:
+        async with pool.run() as conn:
+            await conn.execute(statement)
+            assert await conn.fetch_val("select to_regclass('pg_temp.tcs_leak')::text")
+        assert await pool.fetch_val("select to_regclass('pg_temp.tcs_leak')::text") is None
