@@ -1,10 +1,11 @@
 """pytest configuration shared by every test under tests/.
 
-Fixtures shared by several test modules belong here (a fixture used by one module stays in it):
-the real-server fixtures of the PostgreSQL suite (``tests/postgres/``) and the fault matrix
-(``tests/faults/``). They are thin wrappers over the pytest plugin's session-scoped
-``postgres_server`` (:mod:`supervisor.testing.plugin`): ``--postgres-dsn`` or
-``TCS_POSTGRES_DSN`` names an existing server, else a throwaway cluster
+Nothing here imports psycopg until a PostgreSQL fixture is used, so the SQLite and
+scripted-driver tests run without it. Fixtures shared by several test modules belong here (a
+fixture used by one module stays in it): the real-server fixtures of the PostgreSQL suite
+(``tests/postgres/``) and the fault matrix (``tests/faults/``). They are thin wrappers over the
+pytest plugin's session-scoped ``postgres_server`` (:mod:`supervisor.testing.plugin`):
+``--postgres-dsn`` or ``TCS_POSTGRES_DSN`` names an existing server, else a throwaway cluster
 (:mod:`supervisor.testing.cluster`) is started once, the first time a test asks for it.
 
 Helper *functions* do not live here: a ``conftest.py`` is loaded by pytest, not meant to be
@@ -26,20 +27,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-import psycopg
 import pytest
-from postgres.cluster import ServerInfo
 
-from supervisor.testing.cluster import (
-    DSN_ENV,
-    INSTALL_HINT,
-    PostgresAdmin,
-    PostgresCluster,
-    PostgresServer,
-    find_bindir,
-    throwaway_cluster,
-)
+if TYPE_CHECKING:  # psycopg is imported by the PostgreSQL fixtures only, when a test asks
+    from postgres.cluster import ServerInfo
+
+    from supervisor.testing.cluster import PostgresAdmin, PostgresCluster, PostgresServer
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -56,6 +51,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(scope="session")
 def pg_server(postgres_server: PostgresServer) -> ServerInfo:
     """The server the suite talks to (the plugin's ``postgres_server``)."""
+    from postgres.cluster import ServerInfo
+
     return ServerInfo.of(postgres_server)
 
 
@@ -68,6 +65,8 @@ def pg_dsn(pg_server: ServerInfo) -> str:
 @pytest.fixture
 def pg_admin(pg_server: ServerInfo) -> Iterator[PostgresAdmin]:
     """A separate plain psycopg connection for pg_stat_activity / pg_terminate_backend."""
+    from supervisor.testing.cluster import PostgresAdmin
+
     with PostgresAdmin(pg_server.admin_dsn) as admin:
         yield admin
 
@@ -78,6 +77,8 @@ def pg_private_cluster(request: pytest.FixtureRequest) -> Iterator[PostgresClust
 
     Needs the server binaries (skipped only when an existing server is used instead of them).
     """
+    from supervisor.testing.cluster import DSN_ENV, INSTALL_HINT, find_bindir, throwaway_cluster
+
     bindir = find_bindir()
     if bindir is None:
         if request.config.getoption("tcs_postgres_dsn") or os.environ.get(DSN_ENV):
@@ -90,6 +91,8 @@ def pg_private_cluster(request: pytest.FixtureRequest) -> Iterator[PostgresClust
 @pytest.fixture
 def make_table(pg_dsn: str) -> Iterator[Callable[[str], str]]:
     """Create uniquely named tables (dropped at teardown): ``make_table("id int primary key")``."""
+    import psycopg
+
     names: list[str] = []
 
     def make(columns: str) -> str:
