@@ -68,8 +68,11 @@ The invariants, checked after every run (and :func:`matrix.check` once at the en
   statement, none leaked;
 * the next use of the pool works, on both connections at once;
 * for the scenarios that write: the row is in the ledger once if the client was told it was
-  committed, absent if the cancel landed before COMMIT (or before the one-shot write) began,
-  once or absent (uncertain) if it landed during it; the counter always equals the ledger.
+  committed, absent if the cancel landed before COMMIT began, once or absent (uncertain) if it
+  landed during it; the counter always equals the ledger. The one-shot write has no await
+  point of its own before it is sent (a free connection is taken without one), so every
+  cancel of it lands with the statement on the wire: uncertain. A write called in a scope
+  already cancelled is the guard test's case: it must never be sent.
 
 Found by this file, and fixed, now guarded by
 ``test_a_statement_called_in_an_already_cancelled_scope_is_not_sent``: with io=trio a statement

@@ -383,7 +383,8 @@ async def test_row_driver_raises_an_unexpected_exception_and_the_actor_restarts(
     async with open_pool(faults, size=2, backoff=FAST, limits=LIMITS,
                          log=entries.append) as pool:
         await pool.wait()
-        # a bug in the driver, mid-transaction (after the INSERT ran) and at COMMIT
+        # a bug in the driver, in the middle of the protocol (the connection's status becomes
+        # unknown): at a transaction's INSERT, and at a COMMIT
         faults.fail_next("execute", RuntimeError("a driver bug in execute"))
         faults.fail_next("commit", KeyError("a driver bug in commit"))
         out = await load(pool, table, clients=2, count=10)
