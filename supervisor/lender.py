@@ -471,10 +471,7 @@ class Lender:
             waited = now - waiter.start
             failed = self.reporter.connect_failed_since(waiter.start)
             if failed is not None:
-                why = (
-                    "no connection could be made while it waited (last connect attempt "
-                    f"failed: {failed})"
-                )
+                why = f"no connection could be made while it waited ({failed})"
             else:
                 why = (
                     "the pool is overloaded: requests waited longer than "

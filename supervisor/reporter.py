@@ -94,12 +94,23 @@ class Reporter:
         """Count a lifecycle event of connection ``index`` and pass it to the log hook."""
         if event == "connect":
             self.connects += 1
-            if self.last_connect_error is not None:
+            if self.last_connect_error is not None or self.recovered_at == math.inf:
                 self.recovered_at = trio.current_time()
             self.last_connect_error = None
         elif event == "connect_failed" and error is not None:
             self.last_connect_error = self.scrub(f"{type(error).__name__}: {error}")
-            self.last_connect_failure = (trio.current_time(), self.last_connect_error)
+            self.last_connect_failure = (
+                trio.current_time(), f"last connect attempt failed: {self.last_connect_error}"
+            )
+        elif event == "crash" and error is not None:
+            # Until the restarted actor connects, its slot has no connection: waiters shed
+            # meanwhile are told why, as for a failed connect.
+            self.last_connect_failure = (
+                trio.current_time(),
+                f"connection #{index}'s actor crashed and is being restarted: "
+                + self.scrub(f"{type(error).__name__}: {error}"),
+            )
+            self.recovered_at = math.inf  # recovered at its next connect
         elif event == "disconnect":
             self.disconnects += 1
         elif event == "revoked":
@@ -121,9 +132,10 @@ class Reporter:
             )
 
     def connect_failed_since(self, start: float) -> str | None:
-        """The last connect error, if connects were failing at some moment since ``start``
-        (so a request that waited since then was kept waiting by the database, not by the
-        load): a connect failed after ``start``, or the pool recovered only after it."""
+        """Why no connection could be made, if connects were failing (or a crashed actor was
+        being restarted) at some moment since ``start`` (so a request that waited since then
+        was kept waiting by the database or a crash, not by the load): it happened after
+        ``start``, or the pool recovered only after it."""
         failure = self.last_connect_failure
         if failure is not None and (failure[0] >= start or self.recovered_at >= start):
             return failure[1]

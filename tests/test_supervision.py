@@ -452,3 +452,22 @@ async def test_a_driver_crash_in_a_sandbox_crashes_the_actor_of_its_one_connecti
         stats = pool.statistics()
         assert (stats.restarts, stats.connects) == (1, 2)
     assert ops(driver) == ["begin", "savepoint", "execute"]
+
+
+async def test_waiters_shed_while_a_crashed_actor_restarts_are_told_of_the_crash(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from supervisor import QueueDropped
+
+    driver = ScriptedDriver()
+    driver.script("fetch", driver_bug(driver, RuntimeError("bug in fetch")))
+    backoff = Backoff("exp", 2.0, 2.0)  # the restart waits 2 s: longer than the queue allows
+    async with open_pool(driver, size=1, backoff=backoff, name="one") as pool:
+        await pool.wait()
+        with pytest.raises(ConnectionLost, match="bug in fetch"):
+            await pool.fetch_all("select 1")
+        with pytest.raises(QueueDropped) as info:
+            await pool.fetch_all("select 1")
+    text = str(info.value)
+    assert "no connection could be made while it waited (connection #0's actor crashed" in text
+    assert "RuntimeError: bug in fetch" in text and "overloaded" not in text
