@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from actors.sqltext import blank_comments_and_literals
+
 __all__ = ["RESET_SQL", "leaves_session_state"]
 
 RESET_SQL = "DISCARD ALL"
@@ -41,22 +43,11 @@ _QUICK = re.compile(
     r"set|reset|listen|prepare|deallocate|declare|temp|load|discard|\bdo\b|advisory|dblink",
     re.IGNORECASE,
 )
-# Comments and single-quoted literals, each ending at its first end (or at the end of the
-# text): one linear pass, no backtracking. Nested block comments, E'' escapes and
-# dollar-quoting are not understood; the text as it is is always checked too, so a literal
-# taken wrongly can only add a match, never hide one.
-_NOISE = re.compile(r"'(?:[^']|'')*(?:'|\Z)|--[^\n]*|/\*.*?(?:\*/|\Z)", re.DOTALL)
-
-
-def _blank(match: re.Match[str]) -> str:
-    return "''" if match.group().startswith("'") else " "
-
-
 def leaves_session_state(query: str) -> bool:
     """Whether running ``query`` may leave session state for the next lease (errs on True)."""
     if _QUICK.search(query) is None:  # the common case: a plain DML or SELECT
         return False
     if _STARTS.search(query) is not None or _ANYWHERE.search(query) is not None:
         return True
-    bare = _NOISE.sub(_blank, query)
+    bare = blank_comments_and_literals(query)
     return _STARTS.search(bare) is not None or _ANYWHERE.search(bare) is not None

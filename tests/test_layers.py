@@ -7,7 +7,8 @@ these rules are checked:
 * no import cycle anywhere;
 * ``actors`` never imports ``supervisor``; a driver package (``actors.psycopg``,
   ``actors.sqlite``, ``actors.aio``) imports only ``actors.driver``, ``actors.threads``,
-  ``actors.pgsql`` (PostgreSQL's SQL, shared by the PostgreSQL drivers) and its own package;
+  ``actors.pgsql`` (PostgreSQL's SQL, shared by the PostgreSQL drivers), ``actors.sqltext``
+  (SQL text scanning) and its own package;
 * inside ``supervisor``, a module imports only modules of a lower layer (:data:`LAYERS`, the
   order of docs/internals.rst); a new module must be given a layer here;
 * ``supervisor.cli`` is an application: it imports only the public API (``supervisor``,
@@ -63,7 +64,7 @@ LAYERS: dict[str, int] = {
 unless listed)."""
 
 DRIVER_PACKAGES = ("actors.psycopg", "actors.sqlite", "actors.aio")
-DRIVER_MAY_IMPORT = ("actors.driver", "actors.threads", "actors.pgsql")
+DRIVER_MAY_IMPORT = ("actors.driver", "actors.threads", "actors.pgsql", "actors.sqltext")
 CLI_MAY_IMPORT = ("supervisor", "supervisor.testing", "supervisor.cli")
 
 

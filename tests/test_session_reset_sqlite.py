@@ -242,6 +242,10 @@ async def test_a_failed_session_reset_replaces_the_connection() -> None:
         ("create temp trigger tr after insert on t begin select 1; end", True),
         ("create table temp.t (x integer)", True),
         ("insert into temp.t values (1)", True),
+        ("create /* why */ temp table t (x integer)", True),
+        ('create table "temp".t (x integer)', True),
+        ("create table [temp].t (x integer)", True),
+        ("select 'temporary' as word", False),
     ],
 )
 def test_sqlite_counts_pragmas_attachments_and_temp_objects_as_session_state(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 import sqlite3
 
+from actors.sqltext import blank_comments_and_literals
+
 __all__ = ["PRAGMAS", "leaves_session_state", "reset_session_sync", "snapshot_pragmas"]
 
 PRAGMAS = (
@@ -31,14 +33,18 @@ PRAGMAS = (
 schema, so taking the baseline takes no lock)."""
 
 _STATE = re.compile(
-    r"\bpragma\b|\battach\b|\bdetach\b|\bcreate\s+(?:temp|temporary)\b|\btemp\.",
+    r"\bpragma\b|\battach\b|\bdetach\b|\bcreate\s+(?:temp|temporary)\b|"
+    r"\btemp[\"`\]]?\s*\.",
     re.IGNORECASE,
 )
 
 
 def leaves_session_state(query: str) -> bool:
-    """Whether running ``query`` may leave session state for the next lease (errs on True)."""
-    return _STATE.search(query) is not None
+    """Whether running ``query`` may leave session state for the next lease (errs on True);
+    the text is checked as it is and with its comments and literals blanked out."""
+    if _STATE.search(query) is not None:
+        return True
+    return _STATE.search(blank_comments_and_literals(query)) is not None
 
 
 def snapshot_pragmas(raw: sqlite3.Connection) -> dict[str, object]:
