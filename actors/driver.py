@@ -20,8 +20,8 @@ Any other exception escaping a driver call, with :meth:`Connection.status` ``"un
 it, is treated as a driver bug: the client gets the pool's ``ConnectionLost`` (the exception as
 its cause), the connection is closed, and its actor crashes, for the supervisor to restart and
 count against the restart intensity. With a known status (the driver was between messages:
-typically the caller's own parameter adapter raised) the exception is the caller's, raised as
-itself; the connection is replaced.
+typically the caller's own parameter adapter raised before the statement was sent) the
+exception is the caller's, raised as itself; the connection stays usable.
 
 Checkpoint rule: every ``async`` method is a Trio checkpoint (it checks for cancellation and
 yields to the scheduler), as every async function in Trio is; the pool relies on it and does not

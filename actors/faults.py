@@ -369,8 +369,9 @@ class FaultDriver:
         """Make the next ``op`` call (on any connection) raise ``exc`` instead of running.
 
         ``exc`` defaults to ConnectionLost; a ConnectionLost also kills the connection it strikes.
-        Any other exception that is not a DatabaseError (``RuntimeError``, ``KeyError``...)
-        simulates a driver bug in the middle of the protocol: the connection it strikes reports
+        Any other exception that is not a DatabaseError, a ValueError or a TypeError (those
+        mean a refused argument: ``RuntimeError``, ``KeyError``...) simulates a driver bug in
+        the middle of the protocol: the connection it strikes reports
         status ``"unknown"`` from then on (the pool then treats it as a driver crash). Calls
         queue: ``fail_next("commit")`` twice fails the next two commits.
         """
@@ -411,8 +412,8 @@ class FaultDriver:
             if isinstance(exc, ConnectionLost) and conn is not None:
                 conn.broken = True
                 await conn.inner.close()
-            elif not isinstance(exc, DatabaseError) and conn is not None:
-                conn.corrupted = True  # a driver bug mid-protocol
+            elif not isinstance(exc, DatabaseError | ValueError | TypeError) and conn is not None:
+                conn.corrupted = True  # a driver bug mid-protocol (not a refused argument)
             raise exc
         fault = self.plan.fault_for(op)
         if not fault.active:

@@ -23,7 +23,7 @@ RESET_SQL = "DISCARD ALL"
 # ";", on the text as it is and on the text with comments and string literals blanked out).
 _STARTS = re.compile(
     r"(?:^|;)\s*"
-    r"(?:set\s+(?!local\b|transaction\b|constraints\b)|reset\b|listen\b|unlisten\b|prepare\b|"
+    r"(?:set\b(?!\s*(?:local|transaction|constraints)\b)|reset\b|listen\b|unlisten\b|prepare\b|"
     r"deallocate\b|declare\b[^;]*\bwith\s+hold\b|"
     r"create\s+(?:unlogged\s+)?table\b[^;]*\bon\s+commit\b|load\b|discard\b|do\b|"
     r"select\s+[^;]*\bset_config\s*\()",
@@ -33,7 +33,7 @@ _STARTS = re.compile(
 # temporary objects, however the statement that makes them starts (WITH ... SELECT INTO TEMP,
 # EXPLAIN ANALYZE CREATE TEMP TABLE ... AS, an object made in the pg_temp schema).
 _ANYWHERE = re.compile(
-    r"\bset_config\s*\(|\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(|\bdblink_connect\b|"
+    r"\bset_config\s*\(|\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(|\bdblink_connect(?:_u)?\b|"
     r"\bcreate\s+(?:or\s+replace\s+)?(?:(?:global|local)\s+)?temp(?:orary)?\b|"
     r"\binto\s+(?:(?:global|local)\s+)?temp(?:orary)?\b|"
     r"\bpg_temp(?:_\d+)?\"?\s*\.",
@@ -50,4 +50,6 @@ def leaves_session_state(query: str) -> bool:
     if _STARTS.search(query) is not None or _ANYWHERE.search(query) is not None:
         return True
     bare = blank_comments_and_literals(query)
+    if bare is None:  # a text it cannot read for sure
+        return True
     return _STARTS.search(bare) is not None or _ANYWHERE.search(bare) is not None

@@ -174,7 +174,7 @@ class Reporter:
         exc: BaseException | None = error
         while exc is not None and id(exc) not in seen:
             seen.add(id(exc))
-            text = f"{exc!s} {exc!r}"
+            text = f"{exc!s} {exc!r} {getattr(exc, '__notes__', '')}"
             if any(secret and secret in text for secret in self._secrets):
                 return False
             exc = exc.__cause__ or exc.__context__

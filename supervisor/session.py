@@ -6,16 +6,21 @@ Every database call of a handle goes through :meth:`Session.call`, which is wher
 * a handle is usable by one task at a time (``PoolError`` when two tasks overlap: protocol
   messages are never interleaved);
 * a revoked lease (hold deadline, ``kill()``, shutdown) raises ``ConnectionLost``;
-* a failed transaction raises ``TransactionFailed`` without touching the database;
+* a failed transaction raises ``TransactionFailed`` without touching the database (see below
+  for one whose connection is gone);
 * a call cancelled midway marks the lease *interrupted*: nothing more is sent by the client; the
   actor cancels and drains it in its own task once the lease is returned (or, if the client
   caught the cancellation and goes on, the next call recovers first, bounded);
 * driver errors are translated in one place: ``actors.driver.DatabaseError`` becomes
   ``QueryError`` (``IntegrityError``, ``SerializationFailure``), ``actors.driver.ConnectionLost``
   becomes ``supervisor.ConnectionLost``, a refused argument ``ConfigError``; any other exception
-  from the driver is a driver crash: ``ConnectionLost`` for the client, and the connection's
-  actor crashes (supervisor restart, restart intensity); every message names the pool and is
-  scrubbed of secrets.
+  that leaves the driver mid-protocol (status ``"unknown"``) is a driver crash:
+  ``ConnectionLost`` for the client, and the connection's actor crashes (supervisor restart,
+  restart intensity); one raised between messages is the caller's own (a parameter adapter):
+  raised as itself, nothing ran, the connection and its transaction stay as they were; every
+  message names the pool and is scrubbed of secrets;
+* a transaction whose connection is gone raises ``ConnectionLost`` from every later call (a
+  failed one otherwise raises ``TransactionFailed``).
 
 A session knows nothing of pools: it gets the pool's :class:`~supervisor.reporter.Reporter` and
 :class:`~supervisor.limits.SafetyLimits`, and talks to its actor through the lease's owner
@@ -233,6 +238,7 @@ class Session(Lease):
         self.op_task = trio.lowlevel.current_task()
         started = time.perf_counter() if rep.hook is not None else 0.0
         error: BaseException | None = None
+        hidden: PoolError | None = None  # an error whose cause held a secret: raised unchained
         result: Any = None
         try:
             if self.interrupted or self.needs_reset:
@@ -288,27 +294,41 @@ class Session(Lease):
         except (ValueError, TypeError) as exc:
             if self.conn.status() == "unknown":
                 error, cause = self._crash(name, exc)
-                raise error from cause
-            # Refused before any I/O (a bad isolation level, mode or parameter): the
-            # connection is untouched and stays usable.
-            hint = placeholder_hint(query, getattr(self.conn, "paramstyle", None))
-            error = ConfigError(rep.scrub(f"{name} refused its arguments: {exc}{hint}"),
-                                pool=rep.name)
-            raise error from exc
+                if cause is None:
+                    hidden = error  # raised below, outside this handler: no chain at all
+                else:
+                    raise error from cause
+            else:
+                # Refused before any I/O (a bad isolation level, mode or parameter): the
+                # connection is untouched and stays usable. Not so for a batch: rows before
+                # the refused one may have run, so a transaction around it is failed.
+                if name == "execute_many":
+                    self.fail_all("execute_many refused the arguments of one of its rows")
+                hint = placeholder_hint(query, getattr(self.conn, "paramstyle", None))
+                error = ConfigError(rep.scrub(f"{name} refused its arguments: {exc}{hint}"),
+                                    pool=rep.name)
+                raise error from exc
         except PoolError as exc:
             error = exc
             raise
         except Exception as exc:
             if self.conn.status() == "unknown":
                 error, cause = self._crash(name, exc)
-                raise error from cause
-            # The driver is between messages (idle, in a transaction): most likely the caller's
-            # own code that the driver ran, such as a parameter adapter, raised before anything
-            # was sent. It is the caller's exception; the connection is replaced all the same.
-            error = exc
-            self.broken = True
-            self.fail_all(f"{name} raised {type(exc).__name__}")
-            raise
+                if cause is None:
+                    hidden = error
+                else:
+                    raise error from cause
+            else:
+                # The driver is between messages (idle, in a transaction): the caller's own
+                # code that the driver ran, such as a parameter adapter, raised before the
+                # statement was sent. It is the caller's exception, as a refused argument is:
+                # nothing ran, the connection and its transaction stay as they were.
+                if rep.chain_is_safe(exc):
+                    error = exc
+                    raise
+                error = hidden = PoolError(
+                    rep.scrub(f"{name} raised {type(exc).__name__}: {exc}"), pool=rep.name
+                )
         except BaseException as exc:
             # KeyboardInterrupt and the like, in the middle of a call: protocol state unknown.
             error = exc
@@ -331,6 +351,10 @@ class Session(Lease):
                         error=rep.safe_error(error),
                     ),
                 )
+        # Only an error whose cause held a secret gets here: raised outside the handlers, so
+        # that not even __context__ links it to the driver's exception.
+        assert hidden is not None
+        raise hidden
 
     def _crash(self, name: str, exc: Exception) -> tuple[ConnectionLost, Exception | None]:
         """The driver raised what no driver may raise, and left the protocol mid-message

@@ -246,6 +246,8 @@ async def test_a_failed_session_reset_replaces_the_connection() -> None:
         ('create table "temp".t (x integer)', True),
         ("create table [temp].t (x integer)", True),
         ("select 'temporary' as word", False),
+        ("CREATE TABLE 'temp'.t1 (x)", True),
+        ("select 'unterminated", True),
     ],
 )
 def test_sqlite_counts_pragmas_attachments_and_temp_objects_as_session_state(

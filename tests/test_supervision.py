@@ -393,17 +393,33 @@ async def test_after_a_driver_crash_the_handle_sends_nothing_more() -> None:
 async def test_a_callers_exception_raised_by_the_driver_between_messages_is_its_own() -> None:
     # A parameter adapter of the caller's, run by the driver before anything is sent: the
     # driver is still idle. Not a crash (no restart, or a few bad calls would fail the pool):
-    # the caller gets its own exception, and the connection is replaced all the same.
+    # the caller gets its own exception, and the connection and transaction are as they were.
     driver = ScriptedDriver()
     driver.script("fetch", *[KeyError("adapter bug")] * 20)
+    driver.script("execute", KeyError("adapter bug"))
     async with open_pool(driver, size=2, max_restarts=2) as pool:
         for _ in range(20):
             with pytest.raises(KeyError, match="adapter bug"):
                 await pool.fetch_all("select ?", (object(),))
-        await pool.wait()
+        async with pool.transaction() as tx:
+            with pytest.raises(KeyError, match="adapter bug"):
+                await tx.execute("insert into t values (?)", (object(),))
+            await tx.execute("insert into t values (1)")
+        assert tx.committed
         stats = pool.statistics()
-        assert stats.restarts == 0 and stats.connects == 2 + 20
-        assert await pool.fetch_all("select 1") == []
+        assert stats.restarts == 0 and stats.connects == 2
+    assert ops(driver) == ["fetch"] * 20 + ["begin", "execute", "execute", "commit"]
+
+
+async def test_a_secret_in_a_callers_exception_is_scrubbed_and_not_chained() -> None:
+    driver = ScriptedDriver(options={"password": "hunter2"})
+    driver.script("fetch", RuntimeError("bad state for password hunter2"))
+    async with open_pool(driver, size=1) as pool:
+        with pytest.raises(PoolError) as info:
+            await pool.fetch_all("select 1")
+    printed = "".join(traceback.format_exception(info.value))
+    assert "hunter2" not in printed and "RuntimeError: bad state for password ***" in printed
+    assert info.value.__cause__ is None and info.value.__context__ is None
 
 
 async def test_a_secret_in_an_unexpected_driver_exception_is_scrubbed_and_not_chained() -> None:
@@ -414,7 +430,7 @@ async def test_a_secret_in_an_unexpected_driver_exception_is_scrubbed_and_not_ch
             with pytest.raises(ConnectionLost) as info:
                 await conn.fetch_all("select 1")
     assert "hunter2" not in str(info.value) and "RuntimeError" in str(info.value)
-    assert info.value.__cause__ is None
+    assert info.value.__cause__ is None and info.value.__context__ is None
 
 
 async def test_a_secret_anywhere_in_the_crash_chain_reaches_neither_client_nor_pool_failure(

@@ -680,3 +680,16 @@ async def test_a_body_that_swallows_a_connection_loss_still_ends_with_connection
         assert tx.committed is False
         assert await pool.execute("on a fresh connection") == 0
     assert ops(driver) == ["begin", "execute", "execute", "execute"]
+
+
+async def test_execute_many_refusing_a_row_fails_the_transaction_around_it() -> None:
+    # Rows before the refused one may have run: committing would keep half a batch.
+    driver = ScriptedDriver()
+    driver.script("execute_many", ValueError("row 3: bad parameter"))
+    async with open_pool(driver, size=1) as pool:
+        with pytest.raises(TransactionFailed, match="execute_many refused the arguments"):
+            async with pool.transaction() as tx:
+                with pytest.raises(ConfigError, match="refused its arguments"):
+                    await tx.execute_many("insert into t values (?)", [(1,), (2,), (3,)])
+        assert tx.committed is False
+    assert ops(driver) == ["begin", "execute_many", "rollback"]

@@ -34,7 +34,7 @@ schema, so taking the baseline takes no lock)."""
 
 _STATE = re.compile(
     r"\bpragma\b|\battach\b|\bdetach\b|\bcreate\s+(?:temp|temporary)\b|"
-    r"\btemp[\"`\]]?\s*\.",
+    r"\btemp['\"`\]]?\s*\.",
     re.IGNORECASE,
 )
 
@@ -44,7 +44,8 @@ def leaves_session_state(query: str) -> bool:
     the text is checked as it is and with its comments and literals blanked out."""
     if _STATE.search(query) is not None:
         return True
-    return _STATE.search(blank_comments_and_literals(query)) is not None
+    bare = blank_comments_and_literals(query)
+    return bare is None or _STATE.search(bare) is not None
 
 
 def snapshot_pragmas(raw: sqlite3.Connection) -> dict[str, object]:

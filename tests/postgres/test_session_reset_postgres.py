@@ -359,6 +359,17 @@ def test_forget_prepared_is_part_of_the_seam() -> None:
         ("select ';' as a; /* note; */ set search_path = a", True),
         ("select 'set search_path = a'", False),
         ("select 1 -- set search_path = a", False),
+        ("SELECT $$it's$$;\n-- switch\nSET search_path = a", True),
+        ("SELECT E'\\''; /* c */ SET search_path = a", True),
+        ('SELECT 1 AS "it\'s"; -- x\nSET search_path = a', True),
+        ("/* a /* b */ c */ SET search_path = a", True),  # nested: not read, so True
+        ("select 'a' || 'unterminated -- reset", True),  # not read for sure, so True
+        ('SET"search_path" TO a', True),
+        ('SELECT "pg_advisory_lock"(1)', True),
+        ("select pg_catalog.\"set_config\"('a', 'b', false)", True),
+        ("select dblink_connect_u('x')", True),
+        ("select $tag$ set role x $tag$", False),
+        ("select $1::text, 'reset'", False),
     ],
 )
 def test_leaves_session_state_flags_exactly_the_statements_that_change_the_session(
@@ -378,6 +389,9 @@ def test_leaves_session_state_flags_exactly_the_statements_that_change_the_sessi
         "EXPLAIN ANALYZE CREATE TEMP TABLE tcs_leak AS SELECT 1",
         'CREATE TABLE "pg_temp".tcs_leak (x int)',
         "CREATE /* a comment */ TEMP TABLE tcs_leak (x int)",
+        "SELECT $$it's$$;\n-- a note\nCREATE TEMP TABLE tcs_leak (x int)",
+        "SELECT E'\\''; /* c */ CREATE TEMP TABLE tcs_leak (x int)",
+        'SELECT 1 AS "it\'s"; -- x\nCREATE TEMP TABLE tcs_leak (x int)',
     ],
 )
 async def test_a_temporary_table_made_any_way_never_reaches_the_next_lease(
@@ -390,3 +404,25 @@ async def test_a_temporary_table_made_any_way_never_reaches_the_next_lease(
             await conn.execute(statement)
             assert await conn.fetch_val("select to_regclass('pg_temp.tcs_leak')::text")
         assert await pool.fetch_val("select to_regclass('pg_temp.tcs_leak')::text") is None
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT $$it's$$;\n-- switch\nSET application_name TO tcs_leaked",
+        "SELECT E'\\''; /* c */ SET application_name TO tcs_leaked",
+        'SELECT 1 AS "it\'s"; -- x\nSET application_name TO tcs_leaked',
+        "/* a /* b */ c */ SET application_name TO tcs_leaked",
+        'SET"application_name" TO tcs_leaked',
+    ],
+)
+async def test_a_setting_changed_behind_quotes_or_comments_never_reaches_the_next_lease(
+    pg_dsn: str, statement: str
+) -> None:
+    from supervisor import open_pool
+
+    async with open_pool(pg_dsn, size=1, reset="auto") as pool:
+        async with pool.run() as conn:
+            await conn.execute(statement)
+            assert await conn.fetch_val("show application_name") == "tcs_leaked"
+        assert await pool.fetch_val("show application_name") != "tcs_leaked"
