@@ -487,3 +487,19 @@ async def test_waiters_shed_while_a_crashed_actor_restarts_are_told_of_the_crash
     text = str(info.value)
     assert "no connection could be made while it waited (connection #0's actor crashed" in text
     assert "RuntimeError: bug in fetch" in text and "overloaded" not in text
+
+
+async def test_a_callers_exception_inside_a_sandbox_leaves_the_sandbox_working() -> None:
+    from supervisor.testing import sandbox
+
+    driver = ScriptedDriver()
+    driver.script("execute", KeyError("adapter bug"))
+    async with open_pool(driver, size=1) as pool:
+        async with sandbox(pool):
+            with pytest.raises(KeyError, match="adapter bug"):
+                await pool.execute("insert into t values (?)", (object(),))
+            assert await pool.execute("insert into t values (1)") == 0
+        assert pool.statistics().restarts == 0
+    assert ops(driver) == [
+        "begin", "savepoint", "execute", "release", "savepoint", "execute", "rollback",
+    ]
