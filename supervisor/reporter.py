@@ -98,7 +98,7 @@ class Reporter:
                 self.recovered_at = trio.current_time()
             self.last_connect_error = None
         elif event == "connect_failed" and error is not None:
-            self.last_connect_error = self.scrub(f"{type(error).__name__}: {error}")
+            self.last_connect_error = self.describe(error)
             self.last_connect_failure = (
                 trio.current_time(), f"last connect attempt failed: {self.last_connect_error}"
             )
@@ -108,7 +108,7 @@ class Reporter:
             self.last_connect_failure = (
                 trio.current_time(),
                 f"connection #{index}'s actor crashed and is being restarted: "
-                + self.scrub(f"{type(error).__name__}: {error}"),
+                + self.describe(error),
             )
             self.recovered_at = math.inf  # recovered at its next connect
         elif event == "disconnect":
@@ -157,13 +157,17 @@ class Reporter:
         """``text`` with every known secret replaced by ``***``."""
         return redact(text, self._secrets)
 
+    def describe(self, error: BaseException) -> str:
+        """``"Type: message"`` of ``error``, scrubbed of secrets (for messages and logs)."""
+        return self.scrub(f"{type(error).__name__}: {error}")
+
     def safe_error(self, error: BaseException | None) -> BaseException | None:
         """``error`` for a log entry, or, if its text (or that of any exception it chains to)
         contains a known secret, a scrubbed stand-in with no chain: a log hook that prints
         ``entry.error`` must never print a password."""
         if error is None or self.chain_is_safe(error):
             return error
-        return PoolError(self.scrub(f"{type(error).__name__}: {error}"), pool=self.name)
+        return PoolError(self.describe(error), pool=self.name)
 
     def chain_is_safe(self, error: BaseException) -> bool:
         """Whether no text of ``error``, or of any exception it chains to, holds a known

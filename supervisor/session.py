@@ -291,14 +291,17 @@ class Session(Lease):
                 # later statements would autocommit. Nothing more may run in this transaction.
                 self.fail_all("the database rolled the transaction back after an error")
             raise error from (exc.__cause__ or exc)
-        except (ValueError, TypeError) as exc:
+        except PoolError as exc:
+            error = exc
+            raise
+        except Exception as exc:
             if self.conn.status() == "unknown":
+                # Mid-protocol: a driver crash (see _crash).
                 error, cause = self._crash(name, exc)
-                if cause is None:
-                    hidden = error  # raised below, outside this handler: no chain at all
-                else:
+                if cause is not None:
                     raise error from cause
-            else:
+                hidden = error  # raised below, outside this handler: no chain at all
+            elif isinstance(exc, ValueError | TypeError):
                 # Refused before any I/O (a bad isolation level, mode or parameter): the
                 # connection is untouched and stays usable. Not so for a batch: rows before
                 # the refused one may have run, so a transaction around it is failed.
@@ -308,16 +311,6 @@ class Session(Lease):
                 error = ConfigError(rep.scrub(f"{name} refused its arguments: {exc}{hint}"),
                                     pool=rep.name)
                 raise error from exc
-        except PoolError as exc:
-            error = exc
-            raise
-        except Exception as exc:
-            if self.conn.status() == "unknown":
-                error, cause = self._crash(name, exc)
-                if cause is None:
-                    hidden = error
-                else:
-                    raise error from cause
             else:
                 # The driver is between messages (idle, in a transaction): the caller's own
                 # code that the driver ran, such as a parameter adapter, raised before the
@@ -326,9 +319,7 @@ class Session(Lease):
                 if rep.chain_is_safe(exc):
                     error = exc
                     raise
-                error = hidden = PoolError(
-                    rep.scrub(f"{name} raised {type(exc).__name__}: {exc}"), pool=rep.name
-                )
+                error = hidden = PoolError(f"{name} raised {rep.describe(exc)}", pool=rep.name)
         except BaseException as exc:
             # KeyboardInterrupt and the like, in the middle of a call: protocol state unknown.
             error = exc
@@ -367,7 +358,7 @@ class Session(Lease):
         self.broken = True
         rep = self.reporter
         safe = rep.chain_is_safe(exc)
-        text = rep.scrub(f"{type(exc).__name__}: {exc}")
+        text = rep.describe(exc)
         if self.crashed is None:
             self.crashed = Crash(text, exc if safe else None)
         self.fail_all(f"{name} failed unexpectedly")
