@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from actors.sqltext import blank_comments_and_literals
+from actors.sqltext import found
 
 __all__ = ["RESET_SQL", "leaves_session_state"]
 
@@ -43,13 +43,10 @@ _QUICK = re.compile(
     r"set|reset|listen|prepare|deallocate|declare|temp|load|discard|\bdo\b|advisory|dblink",
     re.IGNORECASE,
 )
+
+
 def leaves_session_state(query: str) -> bool:
     """Whether running ``query`` may leave session state for the next lease (errs on True)."""
     if _QUICK.search(query) is None:  # the common case: a plain DML or SELECT
         return False
-    if _STARTS.search(query) is not None or _ANYWHERE.search(query) is not None:
-        return True
-    bare = blank_comments_and_literals(query)
-    if bare is None:  # a text it cannot read for sure
-        return True
-    return _STARTS.search(bare) is not None or _ANYWHERE.search(bare) is not None
+    return found(query, _STARTS, _ANYWHERE)

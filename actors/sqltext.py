@@ -11,7 +11,7 @@ Rules:
   loop took 14 s on 24 block comments);
 * it errs on the side of "may leave state": whatever it cannot read for sure (an unterminated
   literal, quoted name, dollar quote or comment, a nested block comment, a stray ``*/``) makes
-  :func:`blank_comments_and_literals` return None, and the callers then answer True;
+  :func:`blank_comments_and_literals` return None, and :func:`found` then answers True;
 * what it understands: ``'...'`` (``''`` inside), ``E'...'`` (backslash escapes), ``"..."``
   (``""`` inside; the quotes are dropped, the name kept), ``$tag$...$tag$``, ``--`` and
   ``/* */`` comments.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["blank_comments_and_literals"]
+__all__ = ["blank_comments_and_literals", "found"]
 
 # The next token that is not plain SQL text; each alternative starts with a distinct character
 # and its body cannot match in two ways, so a search from any position is linear.
@@ -76,3 +76,12 @@ def blank_comments_and_literals(text: str) -> str | None:
             pos = m.end()
         else:
             return None  # a "*/" outside any comment
+
+
+def found(text: str, *patterns: re.Pattern[str]) -> bool:
+    """Whether one of ``patterns`` matches ``text`` as it is, or with its comments and literals
+    blanked out; True also when the text cannot be read for sure (see the module rules)."""
+    if any(p.search(text) is not None for p in patterns):
+        return True
+    bare = blank_comments_and_literals(text)
+    return bare is None or any(p.search(bare) is not None for p in patterns)

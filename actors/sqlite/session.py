@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import sqlite3
 
-from actors.sqltext import blank_comments_and_literals
+from actors.sqltext import found
 
 __all__ = ["PRAGMAS", "leaves_session_state", "reset_session_sync", "snapshot_pragmas"]
 
@@ -42,10 +42,7 @@ _STATE = re.compile(
 def leaves_session_state(query: str) -> bool:
     """Whether running ``query`` may leave session state for the next lease (errs on True);
     the text is checked as it is and with its comments and literals blanked out."""
-    if _STATE.search(query) is not None:
-        return True
-    bare = blank_comments_and_literals(query)
-    return bare is None or _STATE.search(bare) is not None
+    return found(query, _STATE)
 
 
 def snapshot_pragmas(raw: sqlite3.Connection) -> dict[str, object]:
