@@ -202,9 +202,9 @@ class FaultConnection:
         """True once a lost fault struck (or :meth:`break_` / ``break_all()`` was called): every
         later call raises ConnectionLost, as on a connection whose server went away."""
         self.corrupted = False
-        """True once a forced exception that is neither ConnectionLost nor DatabaseError struck
-        (a simulated driver bug, see :meth:`FaultDriver.fail_next`): the protocol state is
-        lost, so :meth:`status` says ``"unknown"`` from then on."""
+        """True once a forced exception that is not ConnectionLost, DatabaseError, ValueError or
+        TypeError struck (a simulated driver bug, see :meth:`FaultDriver.fail_next`): the
+        protocol state is lost, so :meth:`status` says ``"unknown"`` from then on."""
         self.closed = False
         """True once :meth:`close` was called."""
 
@@ -370,10 +370,10 @@ class FaultDriver:
 
         ``exc`` defaults to ConnectionLost; a ConnectionLost also kills the connection it strikes.
         Any other exception that is not a DatabaseError, a ValueError or a TypeError (those
-        mean a refused argument: ``RuntimeError``, ``KeyError``...) simulates a driver bug in
-        the middle of the protocol: the connection it strikes reports
-        status ``"unknown"`` from then on (the pool then treats it as a driver crash). Calls
-        queue: ``fail_next("commit")`` twice fails the next two commits.
+        mean a refused argument): ``RuntimeError``, ``KeyError``... simulates a driver bug in
+        the middle of the protocol: the connection it strikes reports status ``"unknown"``
+        from then on (the pool then treats it as a driver crash). Calls queue:
+        ``fail_next("commit")`` twice fails the next two commits.
         """
         _check_op(op)
         if exc is None:
