@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,19 @@ def make_tables(dsn: str) -> str:
         c.execute(f"create table {name}_count (n int not null)")
         c.execute(f"insert into {name}_count values (0)")
     return name
+
+
+@contextmanager
+def told(out: Outcomes, tid: int) -> Iterator[None]:
+    """Record what a client running its own transaction ``tid`` in the block was told:
+    committed if the block ends normally, failed on a ``PoolError`` (which it swallows)."""
+    try:
+        yield
+    except PoolError as exc:
+        out.note(exc)
+        out.failed.add(tid)
+    else:
+        out.committed.add(tid)
 
 
 async def transfer(pool: Pool, table: str, tid: int, client: int, out: Outcomes) -> None:
